@@ -1,0 +1,148 @@
+"""Checkpoints: atomic writes, `weights_only` loading, clear errors for bad files.
+
+A checkpoint is a plain dict of tensors and Python primitives (so `torch.load(weights_only=True)`
+can read it without unpickling arbitrary objects):
+  model, optimizer, scheduler, scaler   state dicts
+  state                                 epoch, global_step, best_val_accuracy, best_epoch, history
+  config                                the composed config (plain dict, interpolations resolved)
+  classes, normalization, precision     what evaluation and prediction need to rebuild the run
+  rng                                   python, numpy, torch CPU and CUDA generator states
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .engine import TrainState
+
+REQUIRED_KEYS = ("model", "config", "classes")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or does not fit the requested run."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a resnet-train checkpoint safely (weights_only) or raise CheckpointError with the reason."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "best.pt" if (path / "checkpoints").is_dir() else path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file): "
+                              f"{reason[:200]}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is a torch file but not a resnet-train checkpoint "
+                              f"(it lacks {', '.join(k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt)})")
+    return ckpt
+
+
+def load_model_state(model: nn.Module, state: dict, source: str) -> None:
+    """Load weights, turning a shape or name mismatch into one line naming the first difference."""
+    model = getattr(model, "_orig_mod", model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        detail = (f"shape of {mismatched[0]} is {tuple(state[mismatched[0]].shape)} there, "
+                  f"{tuple(own[mismatched[0]].shape)} here" if mismatched else
+                  f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
+        raise CheckpointError(f"the weights in {source} do not fit this model ({detail}); "
+                              "was it trained with another model or number of classes?")
+    model.load_state_dict(state)
+
+
+def rng_states() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+class RunCheckpoints:
+    """`last.pt` and `best.pt` of one run: everything needed to evaluate, predict or resume."""
+
+    def __init__(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, scaler: torch.amp.GradScaler, metadata: dict):
+        self.directory = directory
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.metadata = metadata  # config, classes, normalization, precision
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.pt"
+
+    def save_last(self, state: TrainState) -> None:
+        atomic_save({
+            "model": getattr(self.model, "_orig_mod", self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(state),
+            "rng": rng_states(),
+            **self.metadata,
+        }, self.path("last"))
+
+    def copy_last_to_best(self) -> None:
+        atomic_copy(self.path("last"), self.path("best"))
+
+    def load_model_weights(self, name: str) -> None:
+        load_model_state(self.model, load_checkpoint(self.path(name))["model"], str(self.path(name)))

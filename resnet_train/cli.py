@@ -1,0 +1,362 @@
+"""Command-line entry points: Hydra config → checked values → objects → `engine.fit` / `engine.evaluate`.
+
+The only module that knows Hydra. `train(cfg)` and `evaluate_checkpoint(cfg)` are plain functions
+of a composed config (tests call them through Hydra's compose API); `train_main` and `eval_main`
+are the console scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import device as devices
+from .checkpoint import CheckpointError, RunCheckpoints, load_checkpoint, load_model_state
+from .data import DataError, build_data
+from .engine import TrainingDiverged, TrainState, evaluate, fit
+from .logging import RunLogger, log, write_json
+from .optim import Scheduler, build_optimizer
+
+CONFIG_PATH = "pkg://resnet_train.configs"
+USER_ERRORS = (devices.DeviceError, DataError, CheckpointError, TrainingDiverged)
+
+
+class ConfigError(ValueError):
+    """A config value is of the wrong type or out of range."""
+
+
+# --------------------------------------------------------------------------------------------
+# Checking the config: every bad value fails here, before any data is read
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# key → (test, what the value must be)
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "eval_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
+    "device": (lambda v: isinstance(v, str), "auto, cpu, cuda, cuda:N or mps"),
+    "precision": (lambda v: v in devices.PRECISIONS, "one of " + ", ".join(devices.PRECISIONS)),
+    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "num_workers": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "progress": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "model.stem": (lambda v: v in ("auto", "cifar", "imagenet"), "auto, cifar or imagenet"),
+    "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.zero_init_residual": (lambda v: isinstance(v, bool), "true or false"),
+    "dataset.root": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "dataset.download": (lambda v: isinstance(v, bool), "true or false"),
+    "dataset.image_size": (lambda v: _is_int(v) and v >= 8, "an integer >= 8 (pixels)"),
+    "dataset.normalize": (lambda v: isinstance(v, bool), "true or false"),
+    "dataset.mean": (lambda v: v is None or (len(v) == 3 and all(_is_number(x) for x in v)),
+                     "null or a list of 3 numbers"),
+    "dataset.std": (lambda v: v is None or (len(v) == 3 and all(_is_number(x) and x > 0 for x in v)),
+                    "null or a list of 3 positive numbers"),
+    "dataset.augment.crop_padding": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (pixels)"),
+    "dataset.augment.hflip": (lambda v: isinstance(v, bool), "true or false"),
+    "dataset.val_size": (lambda v: (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 < v < 1),
+                         "a count >= 0 or a fraction between 0 and 1"),
+    "dataset.split_seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "dataset.loader": (lambda v: v in ("auto", "memory", "stream"), "auto, memory or stream"),
+    "optim.lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "optim.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "optim.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.decay_norm_and_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "scheduler.warmup_epochs": (lambda v: _is_number(v) and v >= 0, "a number of epochs >= 0"),
+    "scheduler.milestones": (lambda v: all(_is_number(x) and x > 0 for x in v) and list(v) == sorted(v),
+                             "an increasing list of epochs"),
+    "scheduler.step_size": (lambda v: _is_number(v) and v > 0, "a positive number of epochs"),
+    "scheduler.gamma": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "scheduler.factor": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "scheduler.patience": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "scheduler.pct_start": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value is missing, mistyped or out of range."""
+    for key, (test, expected) in RULES.items():
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+        except OmegaConfBaseException:
+            raise ConfigError(f"{key} is required (e.g. {key}=...)") from None
+        if value is _ABSENT:
+            continue
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        try:
+            ok = test(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    # Optimizer and scheduler arguments without a rule still must be numbers, booleans or lists of them.
+    for group in ("optim", "scheduler"):
+        for key, value in cfg[group].items():
+            if key.startswith("_"):
+                continue
+            items = value if OmegaConf.is_list(value) else [value]
+            if not all(_is_number(v) or isinstance(v, bool) for v in items):
+                raise ConfigError(f"{group}.{key}={value!r} is invalid: expected a number")
+
+
+_ABSENT = object()
+
+
+def resolve_stem(cfg: DictConfig) -> None:
+    """model.stem=auto → cifar for small images (up to 64px), imagenet for larger ones."""
+    if cfg.model.stem == "auto":
+        cfg.model.stem = "cifar" if cfg.dataset.image_size <= 64 else "imagenet"
+
+
+# --------------------------------------------------------------------------------------------
+# Building the pieces of a run
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def pick_device_and_precision(cfg: DictConfig) -> tuple[torch.device, devices.Precision]:
+    device = devices.pick_device(cfg.device)
+    precision = devices.Precision(devices.pick_precision(cfg.precision, device), device.type)
+    return device, precision
+
+
+def load_data(cfg: DictConfig, device: torch.device, **overrides):
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset.update(overrides)
+    return build_data(
+        **dataset, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+        device=device, seed=cfg.seed, num_workers=cfg.num_workers, channels_last=cfg.channels_last, log=log.info)
+
+
+def build_model(cfg: DictConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
+    model = instantiate(cfg.model, num_classes=num_classes)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=memory_format)
+
+
+def _without(node: DictConfig, *keys: str) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in keys}
+
+
+def build_optimizer_and_scheduler(cfg: DictConfig, model: torch.nn.Module, steps_per_epoch: int):
+    try:
+        factory = instantiate(_without(cfg.optim, "decay_norm_and_bias"))
+        optimizer = build_optimizer(model, factory, cfg.optim.get("weight_decay", 0.0),
+                                    cfg.optim.get("decay_norm_and_bias", True))
+        schedule = instantiate(_without(cfg.scheduler, "warmup_epochs"))(epochs=cfg.epochs)
+    except (TypeError, ValueError) as e:  # an argument the optimizer or schedule does not take
+        raise ConfigError(f"optim/scheduler: {e}") from None
+    return optimizer, Scheduler(optimizer, schedule, steps_per_epoch, cfg.scheduler.warmup_epochs)
+
+
+def hparam_values(cfg: DictConfig, precision: str) -> dict[str, Any]:
+    """The hyperparameters shown in TensorBoard's HPARAMS tab (scalars and strings only)."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    values = {
+        "model": cfg.model._target_.rsplit(".", 1)[-1], "stem": cfg.model.stem,
+        "dataset": cfg.dataset.name, "optim": cfg.optim._target_.rsplit(".", 1)[-1],
+        "scheduler": choices.get("scheduler") or cfg.scheduler._target_.rsplit(".", 1)[-1],
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "precision": precision, "seed": cfg.seed,
+        "label_smoothing": cfg.label_smoothing, "warmup_epochs": cfg.scheduler.warmup_epochs,
+    }
+    for key in ("lr", "weight_decay", "momentum"):
+        if key in cfg.optim:
+            values[f"optim.{key}"] = cfg.optim[key]
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# resnet-train
+# --------------------------------------------------------------------------------------------
+
+
+class ProtectExistingRun(Callback):
+    """Refuse a run dir that already holds a run, before Hydra writes anything into it."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        if self.enabled and (run_dir / "checkpoints").exists():
+            _fail(f"{run_dir} already holds a run (its checkpoints/ exists); pick a new hydra.run.dir "
+                  "so earlier results are not overwritten")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job described by a composed config; return its final metrics."""
+    start = time.time()
+    validate(cfg)
+    resolve_stem(cfg)
+    device, precision = pick_device_and_precision(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    log.info(f"Run dir: {run_dir}")
+    log.info(f"Device: {devices.describe(device)}, precision {precision.name}"
+             f"{' (autocast)' if precision.dtype else ''}, channels_last={cfg.channels_last}")
+    seed_everything(cfg.seed)
+
+    data = load_data(cfg, device)
+    log.info(f"Data: {cfg.dataset.name}, {data.train.num_images:,} training images in {data.storage}, "
+             f"{len(data.classes)} classes; validation on {data.val_source}")
+    model = build_model(cfg, len(data.classes), device)
+    log.info(f"Model: {cfg.model._target_.rsplit('.', 1)[-1]} ({cfg.model.stem} stem), "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, len(data.train))
+    if cfg.compile:
+        model = torch.compile(model)
+    scaler = precision.grad_scaler()
+
+    stored_cfg = OmegaConf.to_container(cfg, resolve=True)
+    stored_cfg["dataset"].update(mean=data.mean, std=data.std)  # computed statistics are part of the run
+    logger = RunLogger(run_dir, OmegaConf.to_yaml(stored_cfg), hparam_values(cfg, precision.name), cfg.epochs)
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", model, optimizer, scheduler, scaler, {
+        "config": stored_cfg, "classes": data.classes, "precision": precision.name,
+        "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size},
+    })
+    state = TrainState()
+    try:
+        metrics = fit(model, data, optimizer, scheduler, precision, scaler, epochs=cfg.epochs, state=state,
+                      logger=logger, checkpoints=checkpoints, label_smoothing=cfg.label_smoothing,
+                      log_every=cfg.log_every_n_steps, progress=cfg.progress,
+                      on_epoch_end=lambda m: logger.write_metrics({**m, "wall_seconds": time.time() - start},
+                                                                  state.history))
+        metrics["wall_seconds"] = time.time() - start
+        logger.finish(metrics, state.history)
+    finally:
+        logger.close()
+    log.info(f"Done in {metrics['wall_seconds']:.0f}s. best val accuracy {_pct(metrics['best_val_accuracy'])} "
+             f"(epoch {metrics['best_epoch']}), test accuracy {_pct(metrics['test_accuracy'])}. "
+             f"Results in {run_dir}")
+    return metrics
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _run_reporting_errors(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Known user errors become one `error:` line and exit status 2 instead of a traceback."""
+    try:
+        return fn(cfg)
+    except (ConfigError, *USER_ERRORS) as e:
+        _fail(str(e))
+    except torch.OutOfMemoryError:
+        _fail(f"out of memory on the device with batch_size={cfg.batch_size}; try batch_size={max(cfg.batch_size // 2, 1)}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def train_main(cfg: DictConfig) -> float | None:
+    metrics = _run_reporting_errors(train, cfg)
+    return metrics["best_val_accuracy"]  # what a Hydra sweeper (e.g. Optuna) maximizes
+
+
+# --------------------------------------------------------------------------------------------
+# resnet-eval
+# --------------------------------------------------------------------------------------------
+
+EVAL_KEYS = ("checkpoint", "split", "output")
+
+
+def checkpoint_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
+    """The checkpoint's stored config with the keys given on the command line replacing its values."""
+    stored = OmegaConf.create(ckpt["config"])
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in EVAL_KEYS or key.startswith("hydra"):
+            continue
+        if key == "model" or key.startswith("model."):
+            raise ConfigError(f"{override}: the model is fixed by the checkpoint and cannot be changed here")
+        OmegaConf.update(stored, key, OmegaConf.select(cfg, key), merge=False)
+    return stored
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    if cfg.split not in ("test", "val"):
+        raise ConfigError(f"split={cfg.split!r} is invalid: expected test or val")
+    ckpt = load_checkpoint(cfg.checkpoint)
+    run_cfg = checkpoint_config(cfg, ckpt)
+    validate(run_cfg)
+    device = devices.pick_device(run_cfg.device)
+    precision = devices.Precision(devices.pick_precision(ckpt.get("precision", run_cfg.precision), device), device.type)
+    norm = ckpt["normalization"]
+    data = load_data(run_cfg, device, mean=norm["mean"], std=norm["std"])
+    if data.classes != ckpt["classes"]:
+        raise CheckpointError(f"the data has classes {data.classes[:5]}... but the checkpoint was trained on "
+                              f"{ckpt['classes'][:5]}...")
+    loader = data.test if cfg.split == "test" else data.val
+    if loader is None:
+        raise DataError(f"dataset {run_cfg.dataset.name} at {run_cfg.dataset.root} has no {cfg.split} split")
+    model = build_model(run_cfg, len(data.classes), device)
+    load_model_state(model, ckpt["model"], str(cfg.checkpoint))
+    result = evaluate(model, loader, precision, len(data.classes), desc=cfg.split, progress=run_cfg.progress)
+
+    print(f"checkpoint {cfg.checkpoint} (epoch {ckpt.get('state', {}).get('epoch', '?')}), "
+          f"{cfg.split} split: {result.images:,} images on {devices.describe(device)}, precision {precision.name}")
+    print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.2%}\n")
+    print(format_per_class(data.classes, result.per_class_accuracy, result.confusion))
+    report = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "split": cfg.split, "images": result.images,
+              "loss": result.loss, "accuracy": result.accuracy, "classes": data.classes,
+              "per_class_accuracy": dict(zip(data.classes, result.per_class_accuracy)),
+              "confusion_matrix": result.confusion.tolist()}
+    output = Path(cfg.output) if cfg.output else run_dir_of(Path(cfg.checkpoint)) / "eval.json"
+    write_json(output, report)
+    print(f"\nwrote {output}")
+    return report
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    if checkpoint.is_dir():
+        return checkpoint
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def format_per_class(classes: list[str], accuracy: list[float], confusion: torch.Tensor) -> str:
+    """Per-class accuracy and the confusion matrix (rows: true class, columns: predicted) as text."""
+    width = max(5, *(len(c) for c in classes))
+    cell = max(5, len(str(int(confusion.max()))) + 1)
+    lines = [f"{'class':<{width}}  accuracy"]
+    lines += [f"{c:<{width}}  {a:8.2%}" for c, a in zip(classes, accuracy)]
+    lines += ["", "confusion matrix (rows: true class, columns: predicted, in class order above)"]
+    lines += [f"{c:<{width}}" + "".join(f"{int(n):>{cell}}" for n in row) for c, row in zip(classes, confusion)]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def eval_main(cfg: DictConfig) -> None:
+    _run_reporting_errors(evaluate_checkpoint, cfg)
