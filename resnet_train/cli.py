@@ -12,26 +12,25 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import hydra
-import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import device as devices
-from .checkpoint import CheckpointError, RunCheckpoints, load_checkpoint, load_model_state
-from .data import DataError, build_data
-from .engine import TrainingDiverged, TrainState, evaluate, fit
-from .logging import RunLogger, log, write_json
-from .optim import Scheduler, build_optimizer
+# torch, torchvision and tensorboard take seconds to import; the functions that need them import
+# them (and the modules built on them) when called, so `--help` and config errors answer at once.
+if TYPE_CHECKING:
+    import torch
+
+    from .data import Data
+    from .device import Precision
 
 CONFIG_PATH = "pkg://resnet_train.configs"
-USER_ERRORS = (devices.DeviceError, DataError, CheckpointError, TrainingDiverged)
+log = logging.getLogger("resnet_train")
 
 
 class ConfigError(ValueError):
@@ -57,7 +56,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "eval_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
     "device": (lambda v: isinstance(v, str), "auto, cpu, cuda, cuda:N or mps"),
-    "precision": (lambda v: v in devices.PRECISIONS, "one of " + ", ".join(devices.PRECISIONS)),
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
     "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
@@ -139,18 +137,25 @@ def resolve_stem(cfg: DictConfig) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-def pick_device_and_precision(cfg: DictConfig) -> tuple[torch.device, devices.Precision]:
+def pick_device_and_precision(cfg: DictConfig) -> tuple[torch.device, Precision]:
+    from . import device as devices
+
     device = devices.pick_device(cfg.device)
     precision = devices.Precision(devices.pick_precision(cfg.precision, device), device.type)
     return device, precision
 
 
-def load_data(cfg: DictConfig, device: torch.device, **overrides):
+def load_data(cfg: DictConfig, device: torch.device, **overrides) -> Data:
+    from .data import build_data
+
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.update(overrides)
     return build_data(
@@ -159,6 +164,8 @@ def load_data(cfg: DictConfig, device: torch.device, **overrides):
 
 
 def build_model(cfg: DictConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
+    import torch
+
     model = instantiate(cfg.model, num_classes=num_classes)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return model.to(device, memory_format=memory_format)
@@ -169,6 +176,8 @@ def _without(node: DictConfig, *keys: str) -> dict:
 
 
 def build_optimizer_and_scheduler(cfg: DictConfig, model: torch.nn.Module, steps_per_epoch: int):
+    from .optim import Scheduler, build_optimizer
+
     try:
         factory = instantiate(_without(cfg.optim, "decay_norm_and_bias"))
         optimizer = build_optimizer(model, factory, cfg.optim.get("weight_decay", 0.0),
@@ -200,21 +209,37 @@ def hparam_values(cfg: DictConfig, precision: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-class ProtectExistingRun(Callback):
-    """Refuse a run dir that already holds a run, before Hydra writes anything into it."""
+class CheckBeforeRun(Callback):
+    """Before Hydra creates the run dir: check the config and the device, and refuse a run dir
+    that already holds a run, so a typo leaves no stray folder and nothing earlier is overwritten."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            validate(task_cfg)
+            pick_device_and_precision(task_cfg)
+        except (ConfigError, ValueError) as e:  # ValueError: DeviceError
+            _fail(str(e))
         run_dir = Path(config.hydra.run.dir)
-        if self.enabled and (run_dir / "checkpoints").exists():
+        if (run_dir / "checkpoints").exists():
             _fail(f"{run_dir} already holds a run (its checkpoints/ exists); pick a new hydra.run.dir "
                   "so earlier results are not overwritten")
 
 
 def train(cfg: DictConfig) -> dict:
     """Run one training job described by a composed config; return its final metrics."""
+    import torch
+
+    from . import device as devices
+    from .checkpoint import RunCheckpoints
+    from .engine import TrainState, fit
+    from .logging import RunLogger
+
     start = time.time()
     validate(cfg)
     resolve_stem(cfg)
@@ -271,9 +296,16 @@ def _fail(message: str) -> None:
 
 def _run_reporting_errors(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Known user errors become one `error:` line and exit status 2 instead of a traceback."""
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .device import DeviceError
+    from .engine import TrainingDiverged
+
     try:
         return fn(cfg)
-    except (ConfigError, *USER_ERRORS) as e:
+    except (ConfigError, DeviceError, DataError, CheckpointError, TrainingDiverged) as e:
         _fail(str(e))
     except torch.OutOfMemoryError:
         _fail(f"out of memory on the device with batch_size={cfg.batch_size}; try batch_size={max(cfg.batch_size // 2, 1)}")
@@ -307,6 +339,12 @@ def checkpoint_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    from . import device as devices
+    from .checkpoint import CheckpointError, load_checkpoint, load_model_state
+    from .data import DataError
+    from .engine import evaluate
+    from .logging import write_json
+
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split!r} is invalid: expected test or val")
     ckpt = load_checkpoint(cfg.checkpoint)
@@ -346,14 +384,16 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def format_per_class(classes: list[str], accuracy: list[float], confusion: torch.Tensor) -> str:
+def format_per_class(classes: list[str], accuracy: list[float], confusion: "torch.Tensor") -> str:
     """Per-class accuracy and the confusion matrix (rows: true class, columns: predicted) as text."""
-    width = max(5, *(len(c) for c in classes))
-    cell = max(5, len(str(int(confusion.max()))) + 1)
+    width = max(5, *(len(c) for c in classes)) + 4
+    cell = max(4, len(str(int(confusion.max()))) + 1)
     lines = [f"{'class':<{width}}  accuracy"]
-    lines += [f"{c:<{width}}  {a:8.2%}" for c, a in zip(classes, accuracy)]
-    lines += ["", "confusion matrix (rows: true class, columns: predicted, in class order above)"]
-    lines += [f"{c:<{width}}" + "".join(f"{int(n):>{cell}}" for n in row) for c, row in zip(classes, confusion)]
+    lines += [f"{f'{i:>2} {c}':<{width}}  {a:8.2%}" for i, (c, a) in enumerate(zip(classes, accuracy))]
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class, numbered as above)"]
+    lines += [" " * width + "".join(f"{j:>{cell}}" for j in range(len(classes)))]
+    lines += [f"{f'{i:>2} {c}':<{width}}" + "".join(f"{int(n):>{cell}}" for n in row)
+              for i, (c, row) in enumerate(zip(classes, confusion))]
     return "\n".join(lines)
 
 

@@ -19,9 +19,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 
@@ -227,8 +227,15 @@ def load_cifar(name: str, root: str | Path, download: bool) -> tuple[Split, Spli
 
 
 def _quiet_download(cls, root: Path):
-    root.mkdir(parents=True, exist_ok=True)
-    return cls(root, train=True, download=True)
+    """Download into `root`; a failed download leaves no empty folders behind."""
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        return cls(root, train=True, download=True)
+    except BaseException:
+        for p in created:  # deepest first
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
 
 
 def _reason(e: Exception) -> str:
@@ -246,7 +253,9 @@ def _cifar_help(cls, title: str, root: Path, folder: Path, why: str) -> str:
 def decode_resized(path: str, size: int) -> torch.Tensor:
     """Decode one image file as RGB uint8 CHW, shorter side resized to `size`, center-cropped square."""
     try:
-        img = decode_image(path, mode=ImageReadMode.RGB)
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
+            img = TF.pil_to_tensor(im.convert("RGB"))
     except Exception as e:
         raise DataError(f"could not read image {path}: {e}") from None
     if img.shape[-2:] != (size, size):

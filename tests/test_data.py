@@ -1,0 +1,151 @@
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from conftest import CLASSES, write_image_folder
+from resnet_train.data import (BatchTransform, DataError, MemoryLoader, build_data, crop_flip, draw_augmentation,
+                               epoch_generator, load_cifar, stratified_split)
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def random_batch(n=16, size=32, seed=0):
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_crop_flip_matches_per_image_torchvision():
+    images = random_batch()
+    g = torch.Generator().manual_seed(7)
+    offsets, flips = draw_augmentation(len(images), 4, True, g)
+    assert flips.any() and not flips.all() and offsets.min() >= 0 and offsets.max() <= 8
+    ours = crop_flip(images, 4, offsets, flips)
+    for img, out, (top, left), flip in zip(images, ours, offsets.tolist(), flips.tolist()):
+        ref = TF.crop(TF.pad(img.permute(2, 0, 1), [4, 4, 4, 4], fill=0), top, left, 32, 32)
+        if flip:
+            ref = TF.horizontal_flip(ref)
+        assert torch.equal(out.permute(2, 0, 1), ref)
+
+
+def test_transform_is_seeded_and_draws_the_same_params_as_reference():
+    images = random_batch()
+    t = BatchTransform(None, None, crop_padding=4, hflip=True)
+    a = t(images, torch.Generator().manual_seed(3))
+    b = t(images, torch.Generator().manual_seed(3))
+    c = t(images, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    offsets, flips = draw_augmentation(len(images), 4, True, torch.Generator().manual_seed(3))
+    assert torch.equal(a * 255, crop_flip(images, 4, offsets, flips).permute(0, 3, 1, 2).float())
+
+
+def test_hflip_only_and_no_augmentation_at_eval():
+    images = random_batch()
+    t = BatchTransform(None, None, crop_padding=0, hflip=True)
+    out = (t(images, torch.Generator().manual_seed(0)) * 255).round().byte().permute(0, 2, 3, 1)
+    for img, o in zip(images, out):
+        assert torch.equal(o, img) or torch.equal(o, img.flip(1))
+    plain = BatchTransform(None, None, crop_padding=4, hflip=True)(images, None)
+    assert torch.equal((plain * 255).round().byte().permute(0, 2, 3, 1), images)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_normalization_matches_torchvision(channels_last):
+    images = random_batch()
+    ours = BatchTransform(MEAN, STD, channels_last=channels_last)(images)
+    ref = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])(images.permute(0, 3, 1, 2))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_resize_on_the_fly():
+    out = BatchTransform(MEAN, STD, output_size=64)(random_batch(4))
+    assert out.shape == (4, 3, 64, 64)
+
+
+def test_stratified_split_is_seeded_and_proportional():
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    train, val = stratified_split(labels, 100, seed=0)
+    assert len(val) == 100 and len(train) == 900 and not set(train.tolist()) & set(val.tolist())
+    assert torch.bincount(labels[val]).tolist() == [60, 30, 10]
+    assert torch.equal(val, stratified_split(labels, 100, seed=0)[1])
+    assert not torch.equal(val, stratified_split(labels, 100, seed=1)[1])
+
+
+def test_memory_loader_order_depends_on_seed_and_epoch():
+    images, labels = random_batch(40), torch.arange(40)
+    loader = MemoryLoader(images, labels, 8, BatchTransform(None, None, 4, True), train=True, seed=1)
+    assert len(loader) == 5
+    epoch1 = torch.cat([y for _, y in loader])
+    assert sorted(epoch1.tolist()) == list(range(40))
+    assert torch.equal(epoch1, torch.cat([y for _, y in loader]))
+    loader.set_epoch(2)
+    assert not torch.equal(epoch1, torch.cat([y for _, y in loader]))
+    g = epoch_generator(1, 2, torch.device("cpu"))
+    assert g.initial_seed() == epoch_generator(1, 2, torch.device("cpu")).initial_seed()
+
+
+def common(**kw):
+    args = dict(image_size=32, mean=None, std=None, normalize=True, augment={"crop_padding": 4, "hflip": True},
+                val_size=0.2, split_seed=0, batch_size=32, eval_batch_size=64, device=torch.device("cpu"), seed=0,
+                num_workers=0, channels_last=True, log=lambda m: None)
+    args.update(kw)
+    return args
+
+
+def test_cifar10_reads_the_python_batches(cifar_root, fake_md5):
+    train, test, classes = load_cifar("cifar10", cifar_root, download=False)
+    assert classes == CLASSES and len(train) == 1000 and len(test) == 500
+    assert train.images.shape == (1000, 32, 32, 3) and train.images.dtype == torch.uint8
+    data = build_data("cifar10", str(cifar_root), **common(val_size=100, mean=MEAN, std=STD))
+    assert data.train.num_images == 900 and data.val.num_images == 100 and data.test.num_images == 500
+    assert torch.bincount(data.val.labels).tolist() == [10] * 10
+    x, y = next(iter(data.train))
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_val_size_zero_validates_on_test(cifar_root, fake_md5):
+    data = build_data("cifar10", str(cifar_root), **common(val_size=0, mean=MEAN, std=STD))
+    assert data.val is data.test and data.train.num_images == 1000 and "test split" in data.val_source
+
+
+def test_missing_cifar_without_download_says_how_to_provide_it(tmp_path):
+    with pytest.raises(DataError, match="(?s)cifar-10-batches-py.*dataset.download=false.*cifar-10-python.tar.gz"):
+        load_cifar("cifar10", tmp_path / "empty", download=False)
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_image_folder_both_loaders_agree(tmp_path, loader):
+    root = write_image_folder(tmp_path, {"train": 60, "val": 20, "test": 20}, num_classes=3)
+    data = build_data("image_folder", str(root), **common(loader=loader, batch_size=8))
+    assert data.classes == CLASSES[:3] and data.storage == loader
+    assert data.train.num_images == 60 and data.val.num_images == 20 and data.test.num_images == 20
+    test_x = torch.cat([x for x, _ in data.test])
+    ref = build_data("image_folder", str(root), **common(loader="memory", batch_size=8))
+    torch.testing.assert_close(test_x, torch.cat([x for x, _ in ref.test]))
+    assert len(data.mean) == 3 and all(0 < s < 1 for s in data.std)
+
+
+def test_image_folder_resizes_to_image_size(tmp_path):
+    root = write_image_folder(tmp_path, {"train": 12}, num_classes=2, size=48)
+    data = build_data("image_folder", str(root), **common(image_size=24, val_size=0, batch_size=4))
+    assert next(iter(data.train))[0].shape == (4, 3, 24, 24)
+
+
+def test_image_folder_errors(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        build_data("image_folder", str(tmp_path), **common())
+    (tmp_path / "train" / "cat").mkdir()
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no images"):
+        build_data("image_folder", str(tmp_path), **common())
+    with pytest.raises(DataError, match="does not exist"):
+        build_data("image_folder", str(tmp_path / "nowhere"), **common())
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = write_image_folder(tmp_path, {"train": 10}, num_classes=2)
+    bad = root / "train" / CLASSES[0] / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="broken.png"):
+        build_data("image_folder", str(root), **common(val_size=0, batch_size=4))
