@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import urllib.error
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -64,6 +64,7 @@ class BatchTransform:
     hflip: bool = False
     output_size: int | None = None  # resize (bilinear) when the stored size differs
     channels_last: bool = True
+    _cached: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is not None and (self.crop_padding > 0 or self.hflip):
@@ -73,12 +74,18 @@ class BatchTransform:
         if self.output_size is not None and x.shape[-1] != self.output_size:
             x = F.interpolate(x, size=(self.output_size, self.output_size), mode="bilinear", antialias=True)
         if self.mean is not None:
-            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255
-            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255
+            mean, std = self._stats(x.device)
             x = (x - mean) / std
         else:
             x = x / 255
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std (0..255 scale) as device tensors, made once: a copy per batch would sync."""
+        if self._cached is None or self._cached[0].device != device:
+            self._cached = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) * 255 for v in (self.mean, self.std))
+        return self._cached
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:

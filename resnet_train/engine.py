@@ -53,20 +53,25 @@ class EvalResult:
 
 
 class _Meter:
-    """Sums of loss and correct predictions kept on the device; `read` is the only host sync."""
+    """Loss sum, correct count and the first non-finite step, kept on the device; `read` is the only
+    host sync."""
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(2, device=device, dtype=torch.float64)
+        self.state = torch.tensor([0.0, 0.0, -1.0], device=device, dtype=torch.float64)
         self.images = 0
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         n = len(labels)
-        self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double()])
+        loss = loss.detach().double()
+        self.state[:2] += torch.stack([loss * n, (logits.argmax(1) == labels).sum().double()])
+        self.state[2] = torch.where((self.state[2] < 0) & ~loss.isfinite(), step, self.state[2])
         self.images += n
 
-    def read(self) -> tuple[float, float]:
-        loss_sum, correct = self.sums.tolist()
-        return loss_sum / max(self.images, 1), correct / max(self.images, 1)
+    def read(self) -> tuple[float, float, int | None]:
+        """Mean loss, accuracy, and the first step whose loss was NaN/inf (None if none)."""
+        loss_sum, correct, bad_step = self.state.tolist()
+        n = max(self.images, 1)
+        return loss_sum / n, correct / n, None if bad_step < 0 else int(bad_step)
 
 
 StepLogger = Callable[[int, float, float], None]  # (global step, mean loss since last call, lr)
@@ -76,14 +81,17 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
                     precision: Precision, scaler: torch.amp.GradScaler, *, global_step: int = 0,
                     label_smoothing: float = 0.0, log_every: int = 50, on_log: StepLogger | None = None,
                     desc: str = "train", progress: bool | None = None) -> tuple[EpochResult, int]:
-    """One pass over `loader`; returns the epoch's mean loss and accuracy and the new global step."""
+    """One pass over `loader`; returns the epoch's mean loss and accuracy and the new global step.
+    Raises TrainingDiverged, naming the step and its learning rate, once the loss is NaN or infinite."""
     model.train()
     device = next(model.parameters()).device
     meter, start = _Meter(device), time.perf_counter()
-    last_sum, last_images = 0.0, 0
-    bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress,
-               dynamic_ncols=True)
+    last_sum, last_images, window_lrs = 0.0, 0, {}
+    bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+               disable=None if progress is None else not progress)
     for i, (images, labels) in enumerate(loader, 1):
+        global_step += 1
+        window_lrs[global_step] = scheduler.get_last_lr()[0]  # the lr this step uses
         with precision.autocast():
             logits = model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -92,25 +100,25 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        meter.add(loss, logits, labels)
-        global_step += 1
+        meter.add(loss, logits, labels, global_step)
         bar.update(1)
         if i % log_every == 0 or i == len(loader):
-            mean_loss, accuracy = meter.read()
+            mean_loss, accuracy, bad_step = meter.read()
+            if bad_step is not None:
+                raise TrainingDiverged(
+                    f"the training loss became NaN/inf at step {bad_step} (learning rate {window_lrs[bad_step]:.4g}); "
+                    "lower optim.lr or add scheduler.warmup_epochs")
             loss_sum = mean_loss * meter.images
             window_loss = (loss_sum - last_sum) / (meter.images - last_images)
             lr = scheduler.get_last_lr()[0]
-            if not math.isfinite(window_loss):
-                raise TrainingDiverged(f"the training loss became {window_loss} by step {global_step} "
-                                       f"(learning rate {lr:.4g}); lower optim.lr or add scheduler.warmup_epochs")
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.2%}", lr=f"{lr:.3g}",
                             img_s=f"{meter.images / elapsed:,.0f}", refresh=False)
             if on_log is not None:
                 on_log(global_step, window_loss, lr)
-            last_sum, last_images = loss_sum, meter.images
+            last_sum, last_images, window_lrs = loss_sum, meter.images, {}
     bar.close()
-    mean_loss, accuracy = meter.read()
+    mean_loss, accuracy, _ = meter.read()
     return EpochResult(mean_loss, accuracy, meter.images, time.perf_counter() - start), global_step
 
 
@@ -128,7 +136,8 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
         with precision.autocast():
             logits = model(batch)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+        cells = labels * num_classes + logits.argmax(1)
+        confusion.scatter_add_(0, cells, torch.ones_like(cells))  # bincount would sync to size its output
         images += len(labels)
     confusion = confusion.view(num_classes, num_classes).cpu()
     correct = int(confusion.diag().sum())

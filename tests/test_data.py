@@ -149,3 +149,11 @@ def test_corrupt_image_is_named(tmp_path):
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match="broken.png"):
         build_data("image_folder", str(root), **common(val_size=0, batch_size=4))
+
+
+def test_auto_loader_streams_what_does_not_fit(tmp_path, monkeypatch):
+    import resnet_train.data as data_module
+    root = write_image_folder(tmp_path, {"train": 40}, num_classes=2)
+    assert build_data("image_folder", str(root), **common(loader="auto", batch_size=8)).storage == "memory"
+    monkeypatch.setattr(data_module, "memory_budget_bytes", lambda device: 40 * 32 * 32 * 3 - 1)
+    assert build_data("image_folder", str(root), **common(loader="auto", batch_size=8)).storage == "stream"

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Training throughput of resnet-train's loop against the model's own compute and a tutorial loop.
+
+Three loops, same model, batch and device, measured in one run:
+  pure step     forward + loss + backward + SGD step on one random batch already on the device, in
+                resnet-train's precision and memory format: the ceiling for any loop.
+  resnet-train  `engine.train_one_epoch` over the in-memory data path: per-batch crop/flip/normalize on
+                the device, lr schedule, loss/accuracy accumulated on the device.
+  tutorial      the loop the PyTorch tutorials teach: fp32, NCHW, per-image PIL RandomCrop/Flip/ToTensor/
+                Normalize in a DataLoader with 2 workers, `.item()` every step.
+
+    python scripts/benchmark.py --model resnet20 --batch-size 128
+    python scripts/benchmark.py --model resnet18 --data ../shared/data/cifar10-jpeg --json out.json
+
+Prints a markdown table (images/s and the two ratios) and writes the same numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import datasets
+from torchvision import transforms as T
+
+from resnet_train import device as devices
+from resnet_train.data import BatchTransform, MemoryLoader, decode_all, list_image_folder
+from resnet_train.engine import train_one_epoch
+from resnet_train.models import ARCHITECTURES
+from resnet_train.optim import Scheduler, cosine
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+def make_model(name: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = ARCHITECTURES[name](num_classes=10, stem="cifar")
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pure_step(args, device, precision, channels_last) -> float:
+    model = make_model(args.model, device, channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    opt = sgd(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+
+    def step():
+        with precision.autocast():
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def ours(args, images, labels, device, precision, channels_last) -> float:
+    """resnet-train's own epoch function over its in-memory loader (warm-up epoch, then a timed one)."""
+    model = make_model(args.model, device, channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    opt = sgd(model)
+    n = args.steps * args.batch_size
+    transform = BatchTransform(MEAN, STD, crop_padding=4, hflip=True, channels_last=channels_last)
+    warm = MemoryLoader(images[:args.warmup * args.batch_size].to(device), labels[:args.warmup * args.batch_size].to(device),
+                        args.batch_size, transform, train=True)
+    loader = MemoryLoader(images[:n].to(device), labels[:n].to(device), args.batch_size, transform, train=True)
+    sched = Scheduler(opt, cosine(10), len(loader))
+    scaler = precision.grad_scaler()
+    train_one_epoch(model, warm, opt, sched, precision, scaler, progress=False)
+    sync(device)
+    result, _ = train_one_epoch(model, loader, opt, sched, precision, scaler, log_every=50, progress=False)
+    return result.images_per_second
+
+
+class _PILImages(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 does: a uint8 array in memory, a PIL image per item."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def tutorial(args, images, labels, device) -> float:
+    """The tutorial loop: fp32, NCHW, PIL transforms in 2 DataLoader workers, .item() every step."""
+    model = make_model(args.model, device, channels_last=False)
+    opt = sgd(model)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    n = (args.warmup + args.steps) * args.batch_size
+    if args.data:  # images read from disk every epoch, as with torchvision.datasets.ImageFolder
+        dataset = torch.utils.data.Subset(datasets.ImageFolder(Path(args.data) / "train", transform=transform),
+                                          torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:n].tolist())
+    else:
+        dataset = _PILImages(images[:n].numpy(), labels[:n].numpy(), transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2,
+                                         drop_last=True, pin_memory=device.type == "cuda")
+    model.train()
+    running = 0.0
+    for i, (x, y) in enumerate(loader):
+        if i == args.warmup:
+            sync(device)
+            start = time.perf_counter()
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+    sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def load_images(args) -> tuple[torch.Tensor, torch.Tensor]:
+    n = (args.warmup + args.steps) * args.batch_size
+    if args.data:
+        samples, _ = list_image_folder(Path(args.data) / "train")
+        pick = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))[:n].tolist()
+        chosen = [samples[i] for i in pick]
+        return decode_all(chosen, 32, num_workers=2), torch.tensor([label for _, label in chosen])
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20", choices=sorted(ARCHITECTURES))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--precision", default="auto", choices=devices.PRECISIONS)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-channels-last", action="store_true", help="resnet-train loop and pure step in NCHW")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pure step and resnet-train)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per loop")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
+    p.add_argument("--repeats", type=int, default=2, help="measure each loop this many times, keep the best")
+    p.add_argument("--data", help="an ImageFolder root (its train/ is used); default: random images")
+    p.add_argument("--skip-tutorial", action="store_true")
+    p.add_argument("--json", default="benchmark.json", help="where to write the results")
+    args = p.parse_args()
+
+    device = devices.pick_device(args.device)
+    precision = devices.Precision(devices.pick_precision(args.precision, device), device.type)
+    channels_last = not args.no_channels_last
+    images, labels = load_images(args)
+
+    best = {"pure step": 0.0, "resnet-train": 0.0, "tutorial": 0.0}
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits every loop alike
+        best["pure step"] = max(best["pure step"], pure_step(args, device, precision, channels_last))
+        best["resnet-train"] = max(best["resnet-train"], ours(args, images, labels, device, precision, channels_last))
+        if not args.skip_tutorial:
+            best["tutorial"] = max(best["tutorial"], tutorial(args, images, labels, device))
+
+    result = {
+        "device": devices.describe(device) + (f" ({platform.processor() or platform.machine()}, "
+                                              f"{torch.get_num_threads()} threads)" if device.type == "cpu" else ""),
+        "model": args.model, "batch_size": args.batch_size, "precision": precision.name,
+        "channels_last": channels_last, "compile": args.compile, "data": args.data or "random uint8 images",
+        "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__,
+        "images_per_second": best,
+        "resnet_train_vs_pure_step": best["resnet-train"] / best["pure step"],
+        "resnet_train_vs_tutorial": best["resnet-train"] / best["tutorial"] if best["tutorial"] else None,
+    }
+    fmt = f"{precision.name}{' + channels_last' if channels_last else ''}{' + compile' if args.compile else ''}"
+    print(f"\n{result['device']}, {args.model}, batch {args.batch_size}, data: {result['data']}\n")
+    print("| loop | precision / format | images/s | vs pure step |")
+    print("|---|---|---:|---:|")
+    for name, fmt_name in (("pure step", fmt), ("resnet-train", fmt), ("tutorial", "fp32, NCHW, PIL + 2 workers")):
+        if best[name]:
+            print(f"| {name} | {fmt_name} | {best[name]:,.0f} | {best[name] / best['pure step']:.2f} |")
+    if result["resnet_train_vs_tutorial"]:
+        print(f"\nresnet-train / tutorial: {result['resnet_train_vs_tutorial']:.2f}x")
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
