@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -43,15 +43,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that readers (and a crash at any moment) see the old or the new file, never
+    half of one: write a temporary file beside it, fsync, rename over `path`, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,25 +61,26 @@ def atomic_save(obj: Any, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
+    def copy(f: BinaryIO) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
+    atomic_write(dst, copy)
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a resnet-train checkpoint safely (weights_only) or raise CheckpointError with the reason."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "best.pt" if (path / "checkpoints").is_dir() else path / "best.pt"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
@@ -116,6 +119,32 @@ def rng_states() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: torch.amp.GradScaler, source: str) -> TrainState:
+    """Put model, optimizer, scheduler, scaler and RNGs back where `ckpt` left them."""
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "state", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{source} cannot be resumed: it lacks {', '.join(missing)}")
+    load_model_state(model, ckpt["model"], source)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: the optimizer or scheduler state does not fit this run ({e})") from None
+    restore_rng_states(ckpt["rng"])
+    return TrainState(**ckpt["state"])
 
 
 class RunCheckpoints:

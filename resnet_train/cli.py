@@ -8,7 +8,9 @@ are the console scripts.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -63,6 +65,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "progress": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "checkpoint.every_n_steps": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "resume": (lambda v: v is None or isinstance(v, str), "a checkpoint, a run dir or latest"),
     "model.stem": (lambda v: v in ("auto", "cifar", "imagenet"), "auto, cifar or imagenet"),
     "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.zero_init_residual": (lambda v: isinstance(v, bool), "true or false"),
@@ -226,22 +230,117 @@ class CheckBeforeRun(Callback):
         except (ConfigError, ValueError) as e:  # ValueError: DeviceError
             _fail(str(e))
         run_dir = Path(config.hydra.run.dir)
-        if (run_dir / "checkpoints").exists():
+        if not task_cfg.resume and (run_dir / "checkpoints").exists():
             _fail(f"{run_dir} already holds a run (its checkpoints/ exists); pick a new hydra.run.dir "
-                  "so earlier results are not overwritten")
+                  f"so earlier results are not overwritten, or continue it with resume={run_dir}")
+
+
+# Keys that may change when a run is resumed: where and how fast it runs, and how long. Anything
+# else would change the model, the data or the optimization of a half-finished run.
+RESUMABLE = {"epochs", "device", "precision", "compile", "num_workers", "progress", "log_every_n_steps",
+             "eval_batch_size", "checkpoint.every_n_steps", "dataset.root", "dataset.download", "dataset.loader"}
+
+
+def config_with_overrides(stored: dict, composed: DictConfig, overrides: list[str],
+                          allowed: Callable[[str], bool], refusal: str) -> DictConfig:
+    """A checkpoint's config with the keys named on the command line taken from `composed` (the
+    same command line applied to the defaults, so already parsed and type-checked by Hydra)."""
+    cfg = OmegaConf.create(stored)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key == "resume":
+            continue
+        if not allowed(key):
+            raise ConfigError(f"{override}: {refusal}")
+        OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
+    return cfg
+
+
+def find_checkpoint(target: str, name: str = "last.pt") -> Path:
+    """A checkpoint file from a path to it, to its run dir, or `latest` (newest run under outputs/)."""
+    if target == "latest":
+        found = sorted(Path("outputs").glob(f"**/checkpoints/{name}"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"resume=latest: no run with checkpoints/{name} under {Path('outputs').resolve()}")
+        return found[-1].resolve()
+    path = Path(target).expanduser()
+    for candidate in (path, path / "checkpoints" / name, path / name):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"no checkpoint at {path} (looked for {path}, {path / 'checkpoints' / name})")
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_arguments(args: list[str]) -> list[str]:
+    """`resume=X` continues run X in its own run dir: point Hydra there, without letting it rewrite
+    the run's .hydra/ record (the run's config is the one stored in its checkpoint)."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not given or given[-1] in ("", "null"):
+        return args
+    if {"-m", "--multirun"} & set(args):
+        _fail("resume= continues one run; it cannot be combined with -m")
+    if any(a.startswith("hydra.run.dir=") for a in args):
+        _fail("resume= continues in the checkpoint's own run dir; leave out hydra.run.dir")
+    try:
+        checkpoint = find_checkpoint(given[-1])
+    except ConfigError as e:
+        _fail(str(e))
+    rest = [a for a in args if not a.startswith("resume=")]
+    return [*rest, f"resume={_quote(checkpoint)}", f"hydra.run.dir={_quote(run_dir_of(checkpoint))}",
+            "hydra.output_subdir=null"]
+
+
+class GracefulStop:
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM (preemption) asks training to stop at the
+    next step boundary; a second one ends the process at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __enter__(self) -> GracefulStop:
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        log.warning(f"{signal.Signals(signum).name}: stopping after the current step and saving "
+                    "(send it again to stop at once)")
+
+    def requested(self) -> bool:
+        return self.signum is not None
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one training job described by a composed config; return its final metrics."""
+    """Run one training job described by a composed config (or continue one: `resume=`); return
+    its final metrics."""
     import torch
 
     from . import device as devices
-    from .checkpoint import RunCheckpoints
-    from .engine import TrainState, fit
+    from .checkpoint import RunCheckpoints, load_checkpoint, restore_training
+    from .engine import TrainingInterrupted, TrainState, fit
     from .logging import RunLogger
 
-    start = time.time()
+    started_at = time.time()
     validate(cfg)
+    ckpt = None
+    if cfg.resume:
+        resume_from = cfg.resume
+        ckpt = load_checkpoint(resume_from)
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+        cfg = config_with_overrides(ckpt["config"], cfg, overrides, RESUMABLE.__contains__,
+                                    "cannot change when resuming (it would change the model, the data or the "
+                                    "optimization of the run); start a new run instead")
+        cfg.resume = resume_from
+        validate(cfg)
     resolve_stem(cfg)
     device, precision = pick_device_and_precision(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -257,26 +356,38 @@ def train(cfg: DictConfig) -> dict:
     log.info(f"Model: {cfg.model._target_.rsplit('.', 1)[-1]} ({cfg.model.stem} stem), "
              f"{sum(p.numel() for p in model.parameters()):,} parameters")
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, len(data.train))
+    scaler = precision.grad_scaler()
+    state = TrainState()
+    if ckpt is not None:
+        state = restore_training(ckpt, model, optimizer, scheduler, scaler, cfg.resume)
+        if state.epoch >= cfg.epochs and not state.epoch_progress:
+            raise ConfigError(f"{run_dir} has finished all {state.epoch} epochs; resume with epochs=N "
+                              f"(N > {state.epoch}) to train longer")
+        log.info(f"Resuming from {cfg.resume}: epoch {state.epoch + 1}, "
+                 f"step {state.global_step} (best val accuracy so far {_pct(state.best_val_accuracy)})")
     if cfg.compile:
         model = torch.compile(model)
-    scaler = precision.grad_scaler()
 
     stored_cfg = OmegaConf.to_container(cfg, resolve=True)
     stored_cfg["dataset"].update(mean=data.mean, std=data.std)  # computed statistics are part of the run
-    logger = RunLogger(run_dir, OmegaConf.to_yaml(stored_cfg), hparam_values(cfg, precision.name), cfg.epochs)
+    logger = RunLogger(run_dir, OmegaConf.to_yaml(stored_cfg), hparam_values(cfg, precision.name), cfg.epochs,
+                       resume_step=state.global_step if ckpt is not None else None)
     checkpoints = RunCheckpoints(run_dir / "checkpoints", model, optimizer, scheduler, scaler, {
         "config": stored_cfg, "classes": data.classes, "precision": precision.name,
         "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size},
     })
-    state = TrainState()
     try:
-        metrics = fit(model, data, optimizer, scheduler, precision, scaler, epochs=cfg.epochs, state=state,
-                      logger=logger, checkpoints=checkpoints, label_smoothing=cfg.label_smoothing,
-                      log_every=cfg.log_every_n_steps, progress=cfg.progress,
-                      on_epoch_end=lambda m: logger.write_metrics({**m, "wall_seconds": time.time() - start},
-                                                                  state.history))
-        metrics["wall_seconds"] = time.time() - start
-        logger.finish(metrics, state.history)
+        with GracefulStop() as stop:
+            metrics = fit(model, data, optimizer, scheduler, precision, scaler, epochs=cfg.epochs, state=state,
+                          logger=logger, checkpoints=checkpoints, label_smoothing=cfg.label_smoothing,
+                          log_every=cfg.log_every_n_steps, checkpoint_every=cfg.checkpoint.every_n_steps,
+                          should_stop=stop.requested, progress=cfg.progress, started_at=started_at)
+        logger.finish(metrics, state.history, state.global_step)
+    except TrainingInterrupted:
+        log.warning(f"Stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step "
+                    f"{state.global_step}; saved {checkpoints.path('last')}. Resume with:\n"
+                    f"  resnet-train resume={run_dir}")
+        raise SystemExit(128 + stop.signum) from None
     finally:
         logger.close()
     log.info(f"Done in {metrics['wall_seconds']:.0f}s. best val accuracy {_pct(metrics['best_val_accuracy'])} "
@@ -286,7 +397,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2%}"
+    return "n/a" if value is None or value < 0 else f"{value:.2%}"
 
 
 def _fail(message: str) -> None:
@@ -309,12 +420,21 @@ def _run_reporting_errors(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> A
         _fail(str(e))
     except torch.OutOfMemoryError:
         _fail(f"out of memory on the device with batch_size={cfg.batch_size}; try batch_size={max(cfg.batch_size // 2, 1)}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
+def _train_app(cfg: DictConfig) -> float | None:
     metrics = _run_reporting_errors(train, cfg)
     return metrics["best_val_accuracy"]  # what a Hydra sweeper (e.g. Optuna) maximizes
+
+
+def train_main() -> None:
+    """The `resnet-train` console script."""
+    sys.argv[1:] = resume_arguments(sys.argv[1:])
+    _train_app()
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,23 +442,15 @@ def train_main(cfg: DictConfig) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 EVAL_KEYS = ("checkpoint", "split", "output")
-
-
-def checkpoint_config(cfg: DictConfig, ckpt: dict) -> DictConfig:
-    """The checkpoint's stored config with the keys given on the command line replacing its values."""
-    stored = OmegaConf.create(ckpt["config"])
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key in EVAL_KEYS or key.startswith("hydra"):
-            continue
-        if key == "model" or key.startswith("model."):
-            raise ConfigError(f"{override}: the model is fixed by the checkpoint and cannot be changed here")
-        OmegaConf.update(stored, key, OmegaConf.select(cfg, key), merge=False)
-    return stored
+# resnet-eval's own keys go to Hydra (eval.yaml); every other KEY=VALUE is an override of the
+# checkpoint's training config, checked by composing it onto train.yaml.
+_TRAINING_OVERRIDES: list[str] = []
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    from hydra import compose
+    from hydra.errors import HydraException
+
     from . import device as devices
     from .checkpoint import CheckpointError, load_checkpoint, load_model_state
     from .data import DataError
@@ -347,8 +459,15 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split!r} is invalid: expected test or val")
-    ckpt = load_checkpoint(cfg.checkpoint)
-    run_cfg = checkpoint_config(cfg, ckpt)
+    try:
+        composed = compose(config_name="train", overrides=_TRAINING_OVERRIDES)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(str(e).strip()) from None
+    checkpoint = find_checkpoint(cfg.checkpoint, "best.pt")
+    ckpt = load_checkpoint(checkpoint)
+    run_cfg = config_with_overrides(ckpt["config"], composed, _TRAINING_OVERRIDES,
+                                    lambda key: key.split(".")[0] != "model",
+                                    "the model is fixed by the checkpoint and cannot be changed here")
     validate(run_cfg)
     device = devices.pick_device(run_cfg.device)
     precision = devices.Precision(devices.pick_precision(ckpt.get("precision", run_cfg.precision), device), device.type)
@@ -361,26 +480,25 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if loader is None:
         raise DataError(f"dataset {run_cfg.dataset.name} at {run_cfg.dataset.root} has no {cfg.split} split")
     model = build_model(run_cfg, len(data.classes), device)
-    load_model_state(model, ckpt["model"], str(cfg.checkpoint))
+    load_model_state(model, ckpt["model"], str(checkpoint))
     result = evaluate(model, loader, precision, len(data.classes), desc=cfg.split, progress=run_cfg.progress)
 
-    print(f"checkpoint {cfg.checkpoint} (epoch {ckpt.get('state', {}).get('epoch', '?')}), "
+    print(f"checkpoint {checkpoint} (epoch {ckpt.get('state', {}).get('epoch', '?')}), "
           f"{cfg.split} split: {result.images:,} images on {devices.describe(device)}, precision {precision.name}")
     print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.2%}\n")
     print(format_per_class(data.classes, result.per_class_accuracy, result.confusion))
-    report = {"checkpoint": str(Path(cfg.checkpoint).resolve()), "split": cfg.split, "images": result.images,
+    report = {"checkpoint": str(checkpoint), "split": cfg.split, "images": result.images,
               "loss": result.loss, "accuracy": result.accuracy, "classes": data.classes,
               "per_class_accuracy": dict(zip(data.classes, result.per_class_accuracy)),
               "confusion_matrix": result.confusion.tolist()}
-    output = Path(cfg.output) if cfg.output else run_dir_of(Path(cfg.checkpoint)) / "eval.json"
+    output = Path(cfg.output) if cfg.output else run_dir_of(checkpoint) / "eval.json"
     write_json(output, report)
     print(f"\nwrote {output}")
     return report
 
 
 def run_dir_of(checkpoint: Path) -> Path:
-    if checkpoint.is_dir():
-        return checkpoint
+    """The run directory a checkpoint file belongs to (<run dir>/checkpoints/<name>.pt)."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
@@ -398,5 +516,14 @@ def format_per_class(classes: list[str], accuracy: list[float], confusion: "torc
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
-def eval_main(cfg: DictConfig) -> None:
+def _eval_app(cfg: DictConfig) -> None:
     _run_reporting_errors(evaluate_checkpoint, cfg)
+
+
+def eval_main() -> None:
+    """The `resnet-eval` console script."""
+    own = [a for a in sys.argv[1:] if a.startswith("-") or a.split("=", 1)[0] in EVAL_KEYS
+           or a.startswith(("hydra.", "hydra/"))]
+    _TRAINING_OVERRIDES[:] = [a for a in sys.argv[1:] if a not in own]
+    sys.argv[1:] = own
+    _eval_app()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,17 @@ class BatchTransform:
     channels_last: bool = True
     _cached: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
+    @property
+    def augments(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+    def skip(self, batch_size: int, generator: torch.Generator) -> None:
+        """Consume the random draws of one batch without transforming it (resuming mid-epoch)."""
+        if self.augments:
+            draw_augmentation(batch_size, self.crop_padding, self.hflip, generator)
+
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if generator is not None and (self.crop_padding > 0 or self.hflip):
+        if generator is not None and self.augments:
             offsets, flips = draw_augmentation(len(images), self.crop_padding, self.hflip, generator)
             images = crop_flip(images, self.crop_padding, offsets, flips)
         x = images.permute(0, 3, 1, 2).float()  # NCHW view with channels_last strides
@@ -105,9 +115,10 @@ class MemoryLoader:
                  train: bool, seed: int = 0):
         self.images, self.labels = images, labels
         self.batch_size, self.transform, self.train, self.seed = batch_size, transform, train, seed
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
     def __len__(self) -> int:
+        """Batches in a whole epoch (also when this one starts after `skip` batches)."""
         n = len(self.labels)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
@@ -115,17 +126,20 @@ class MemoryLoader:
     def num_images(self) -> int:
         return len(self.labels)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order and augmentation of `epoch`; start after its first `skip` batches (mid-epoch resume)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[Batch]:
         device = self.images.device
         if self.train:  # shuffled, full batches only (BatchNorm dislikes a batch of 1)
             g = epoch_generator(self.seed, self.epoch, device)
             order = torch.randperm(len(self.labels), generator=g, device=device)
+            for _ in range(self.skip):
+                self.transform.skip(self.batch_size, g)
         else:
             g, order = None, torch.arange(len(self.labels), device=device)
-        for i in range(len(self)):
+        for i in range(self.skip if self.train else 0, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.transform(self.images[idx], g), self.labels[idx]
 
@@ -145,16 +159,24 @@ class _DecodedFiles(torch.utils.data.Dataset):
 
 
 class _EpochSampler(torch.utils.data.Sampler):
+    """Indices of one epoch: a permutation seeded by (seed, epoch), from position `start` on."""
+
     def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.n, self.seed, self.shuffle, self.epoch, self.start = n, seed, shuffle, 0, 0
 
     def __len__(self) -> int:
-        return self.n
+        return self.n - self.start
 
     def __iter__(self):
         if not self.shuffle:
             return iter(range(self.n))
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist())
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return iter(order[self.start:].tolist())
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StreamLoader:
@@ -162,22 +184,30 @@ class StreamLoader:
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int, batch_size: int, transform: BatchTransform,
                  train: bool, device: torch.device, seed: int = 0, num_workers: int = 2):
-        self.transform, self.train, self.device, self.seed, self.epoch = transform, train, device, seed, 0
+        self.transform, self.train, self.device, self.seed = transform, train, device, seed
+        self.batch_size, self.epoch, self.skip = batch_size, 0, 0
         self.sampler = _EpochSampler(len(samples), seed, shuffle=train)
         self.loader = torch.utils.data.DataLoader(
             _DecodedFiles(samples, image_size), batch_size=batch_size, sampler=self.sampler, drop_last=train,
             num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_ignore_sigint)
         self.num_images = len(samples)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """Batches in a whole epoch (also when this one starts after `skip` batches)."""
+        n = self.num_images
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order and augmentation of `epoch`; start after its first `skip` batches (mid-epoch resume)."""
         self.epoch = self.sampler.epoch = epoch
+        self.skip = skip if self.train else 0
+        self.sampler.start = self.skip * self.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         g = epoch_generator(self.seed, self.epoch, self.device) if self.train else None
+        for _ in range(self.skip):
+            self.transform.skip(self.batch_size, g)
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
             yield self.transform(images, g), labels.to(self.device, non_blocking=True)

@@ -7,9 +7,8 @@ No Hydra and no files here: results leave through the `logger` and `checkpoints`
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -52,13 +51,34 @@ class EvalResult:
         return (self.confusion.diag() / totals).tolist()
 
 
+@dataclass
+class EpochProgress:
+    """Where training stands inside an epoch: what a mid-epoch checkpoint adds to TrainState."""
+
+    step: int = 0  # batches done in this epoch
+    loss_sum: float = 0.0  # summed over those batches' images
+    correct: float = 0.0
+    images: int = 0
+    logged_loss_sum: float = 0.0  # loss_sum and images at the last step log (for the windowed loss)
+    logged_images: int = 0
+    seconds: float = 0.0  # training time spent in this epoch so far
+
+
+class TrainingInterrupted(Exception):
+    """`should_stop` asked for a stop; raised at the next step boundary with the epoch's progress."""
+
+    def __init__(self, progress: EpochProgress, global_step: int):
+        super().__init__(f"stopped after step {global_step}")
+        self.progress, self.global_step = progress, global_step
+
+
 class _Meter:
     """Loss sum, correct count and the first non-finite step, kept on the device; `read` is the only
     host sync."""
 
-    def __init__(self, device: torch.device):
-        self.state = torch.tensor([0.0, 0.0, -1.0], device=device, dtype=torch.float64)
-        self.images = 0
+    def __init__(self, device: torch.device, start: EpochProgress):
+        self.state = torch.tensor([start.loss_sum, start.correct, -1.0], device=device, dtype=torch.float64)
+        self.images = start.images
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         n = len(labels)
@@ -68,10 +88,9 @@ class _Meter:
         self.images += n
 
     def read(self) -> tuple[float, float, int | None]:
-        """Mean loss, accuracy, and the first step whose loss was NaN/inf (None if none)."""
+        """Loss sum, correct count, and the first step whose loss was NaN/inf (None if none)."""
         loss_sum, correct, bad_step = self.state.tolist()
-        n = max(self.images, 1)
-        return loss_sum / n, correct / n, None if bad_step < 0 else int(bad_step)
+        return loss_sum, correct, None if bad_step < 0 else int(bad_step)
 
 
 StepLogger = Callable[[int, float, float], None]  # (global step, mean loss since last call, lr)
@@ -79,17 +98,31 @@ StepLogger = Callable[[int, float, float], None]  # (global step, mean loss sinc
 
 def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
                     precision: Precision, scaler: torch.amp.GradScaler, *, global_step: int = 0,
-                    label_smoothing: float = 0.0, log_every: int = 50, on_log: StepLogger | None = None,
-                    desc: str = "train", progress: bool | None = None) -> tuple[EpochResult, int]:
-    """One pass over `loader`; returns the epoch's mean loss and accuracy and the new global step.
-    Raises TrainingDiverged, naming the step and its learning rate, once the loss is NaN or infinite."""
+                    start: EpochProgress | None = None, label_smoothing: float = 0.0, log_every: int = 50,
+                    on_log: StepLogger | None = None, checkpoint_every: int = 0,
+                    on_checkpoint: Callable[[EpochProgress, int], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None, desc: str = "train",
+                    progress: bool | None = None) -> tuple[EpochResult, int]:
+    """One pass over `loader` (from batch `start.step` when resuming mid-epoch); returns the epoch's
+    mean loss and accuracy and the new global step.
+
+    Every `checkpoint_every` global steps `on_checkpoint(progress, global_step)` is called; when
+    `should_stop()` turns true, TrainingInterrupted is raised after the current step. A NaN or
+    infinite loss raises TrainingDiverged naming the step and its learning rate."""
     model.train()
     device = next(model.parameters()).device
-    meter, start = _Meter(device), time.perf_counter()
-    last_sum, last_images, window_lrs = 0.0, 0, {}
-    bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+    start = start or EpochProgress()
+    meter, clock = _Meter(device, start), time.perf_counter() - start.seconds
+    logged_sum, logged_images, window_lrs = start.logged_loss_sum, start.logged_images, {}
+
+    def snapshot(step: int) -> EpochProgress:
+        loss_sum, correct, _ = meter.read()
+        return EpochProgress(step, loss_sum, correct, meter.images, logged_sum, logged_images,
+                             time.perf_counter() - clock)
+
+    bar = tqdm(total=len(loader), initial=start.step, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                disable=None if progress is None else not progress)
-    for i, (images, labels) in enumerate(loader, 1):
+    for i, (images, labels) in enumerate(loader, start.step + 1):
         global_step += 1
         window_lrs[global_step] = scheduler.get_last_lr()[0]  # the lr this step uses
         with precision.autocast():
@@ -103,23 +136,28 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         meter.add(loss, logits, labels, global_step)
         bar.update(1)
         if i % log_every == 0 or i == len(loader):
-            mean_loss, accuracy, bad_step = meter.read()
+            loss_sum, correct, bad_step = meter.read()
             if bad_step is not None:
                 raise TrainingDiverged(
                     f"the training loss became NaN/inf at step {bad_step} (learning rate {window_lrs[bad_step]:.4g}); "
                     "lower optim.lr or add scheduler.warmup_epochs")
-            loss_sum = mean_loss * meter.images
-            window_loss = (loss_sum - last_sum) / (meter.images - last_images)
+            window_loss = (loss_sum - logged_sum) / (meter.images - logged_images)
             lr = scheduler.get_last_lr()[0]
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.2%}", lr=f"{lr:.3g}",
-                            img_s=f"{meter.images / elapsed:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_sum / meter.images:.4f}", acc=f"{correct / meter.images:.2%}",
+                            lr=f"{lr:.3g}", img_s=f"{meter.images / (time.perf_counter() - clock):,.0f}",
+                            refresh=False)
             if on_log is not None:
                 on_log(global_step, window_loss, lr)
-            last_sum, last_images, window_lrs = loss_sum, meter.images, {}
+            logged_sum, logged_images, window_lrs = loss_sum, meter.images, {}
+        if should_stop is not None and should_stop():
+            bar.close()
+            raise TrainingInterrupted(snapshot(i), global_step)
+        if checkpoint_every and global_step % checkpoint_every == 0 and i < len(loader) and on_checkpoint:
+            on_checkpoint(snapshot(i), global_step)
     bar.close()
-    mean_loss, accuracy, _ = meter.read()
-    return EpochResult(mean_loss, accuracy, meter.images, time.perf_counter() - start), global_step
+    loss_sum, correct, _ = meter.read()
+    n = max(meter.images, 1)
+    return EpochResult(loss_sum / n, correct / n, meter.images, time.perf_counter() - clock), global_step
 
 
 @torch.inference_mode()
@@ -152,19 +190,22 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
 
 @dataclass
 class TrainState:
-    """Progress of a run: what a checkpoint needs besides the model and optimizer."""
+    """Progress of a run: what a checkpoint needs besides the model, optimizer and RNG states."""
 
     epoch: int = 0  # epochs completed
     global_step: int = 0
     best_val_accuracy: float = -1.0
     best_epoch: int = 0
+    wall_seconds: float = 0.0  # of every session of this run, up to the last checkpoint
+    epoch_progress: dict | None = None  # EpochProgress of an unfinished epoch (mid-epoch checkpoint)
     history: list[dict] = field(default_factory=list)  # one row of metrics per epoch
 
 
 class RunLogger(Protocol):
     def info(self, message: str) -> None: ...
     def train_step(self, step: int, loss: float, lr: float) -> None: ...
-    def epoch(self, epoch: int, row: dict) -> None: ...
+    def epoch(self, step: int, row: dict) -> None: ...
+    def write_metrics(self, metrics: dict, history: list[dict]) -> None: ...
 
 
 class Checkpoints(Protocol):
@@ -176,15 +217,39 @@ class Checkpoints(Protocol):
 def fit(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
         precision: Precision, scaler: torch.amp.GradScaler, *, epochs: int, state: TrainState,
         logger: RunLogger, checkpoints: Checkpoints, label_smoothing: float = 0.0, log_every: int = 50,
-        progress: bool | None = None, on_epoch_end: Callable[[dict], None] | None = None) -> dict:
-    """Train from `state.epoch` to `epochs`; return the final metrics (fractions 0..1)."""
+        checkpoint_every: int = 0, should_stop: Callable[[], bool] | None = None,
+        progress: bool | None = None, started_at: float | None = None) -> dict:
+    """Train from where `state` stands (a fresh run, an epoch end or mid-epoch) to `epochs`; then test
+    the best weights. Returns the final metrics (fractions 0..1).
+
+    last.pt is written at every epoch end (and every `checkpoint_every` steps), best.pt whenever the
+    validation accuracy improves; TensorBoard is flushed before each, so a run killed at any moment
+    resumes with no step logged twice or missing."""
     num_classes = len(data.classes)
+    wall_before, started_at = state.wall_seconds, started_at or time.time()
+
+    def save_last() -> None:
+        state.wall_seconds = wall_before + time.time() - started_at
+        checkpoints.save_last(state)
+
+    def save_mid_epoch(progress_: EpochProgress, global_step: int) -> None:
+        state.global_step, state.epoch_progress = global_step, asdict(progress_)
+        logger.flush()
+        save_last()
+
     for epoch in range(state.epoch + 1, epochs + 1):
-        data.train.set_epoch(epoch)
-        train, state.global_step = train_one_epoch(
-            model, data.train, optimizer, scheduler, precision, scaler, global_step=state.global_step,
-            label_smoothing=label_smoothing, log_every=log_every, on_log=logger.train_step,
-            desc=f"epoch {epoch}/{epochs} train", progress=progress)
+        resume = EpochProgress(**state.epoch_progress) if state.epoch_progress else None
+        data.train.set_epoch(epoch, skip=resume.step if resume else 0)
+        try:
+            train, state.global_step = train_one_epoch(
+                model, data.train, optimizer, scheduler, precision, scaler, global_step=state.global_step,
+                start=resume, label_smoothing=label_smoothing, log_every=log_every, on_log=logger.train_step,
+                checkpoint_every=checkpoint_every, on_checkpoint=save_mid_epoch, should_stop=should_stop,
+                desc=f"epoch {epoch}/{epochs} train", progress=progress)
+        except TrainingInterrupted as stop:
+            save_mid_epoch(stop.progress, stop.global_step)
+            raise
+        state.epoch_progress = None
         val = evaluate(model, data.val, precision, num_classes, desc=f"epoch {epoch}/{epochs} val",
                        progress=progress) if data.val is not None else None
         scheduler.end_of_epoch(val.loss if val else None)
@@ -192,28 +257,28 @@ def fit(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, schedule
         if is_best:
             state.best_val_accuracy, state.best_epoch = (val.accuracy if val else -1.0), epoch
         state.epoch = epoch
-        row = {"epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
+        row = {"epoch": epoch, "step": state.global_step, "train_loss": train.loss, "train_accuracy": train.accuracy,
                "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
                "lr": scheduler.get_last_lr()[0], "images_per_second": train.images_per_second,
                "train_seconds": train.seconds, "epoch_seconds": train.seconds + (val.seconds if val else 0.0),
                "is_best": is_best}
         state.history.append(row)
-        logger.epoch(epoch, row)
-        checkpoints.save_last(state)
+        logger.epoch(state.global_step, row)  # TensorBoard (flushed) and the console line
+        save_last()
         if is_best:
             checkpoints.copy_last_to_best()
-        if on_epoch_end is not None:
-            on_epoch_end(summarize(state))
+        logger.write_metrics({**summarize(state), "wall_seconds": state.wall_seconds}, state.history)
 
     metrics = summarize(state)
-    if data.test is not None:
+    if data.test is not None and state.epoch > 0:
         checkpoints.load_model_weights("best")
         test = evaluate(model, data.test, precision, num_classes, desc="test", progress=progress)
         metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
         logger.info(f"test (best weights, epoch {state.best_epoch}): loss {test.loss:.4f}  "
                     f"accuracy {test.accuracy:.2%} on {test.images:,} images")
-    else:
+    elif data.test is None:
         logger.info("no test split: skipped the final test evaluation")
+    metrics["wall_seconds"] = wall_before + time.time() - started_at
     return metrics
 
 

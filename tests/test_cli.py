@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import CLASSES
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 FAST = ["model=resnet20", "epochs=2", "batch_size=32", "log_every_n_steps=5", "num_workers=0"]
 METRIC_KEYS = {"epochs", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
@@ -71,7 +70,9 @@ def test_tensorboard_has_the_expected_tags_and_steps(cifar_run):
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr", "train/loss", "train/lr",
             "throughput/images_per_second", "metrics/test_accuracy", "metrics/best_val_accuracy"} <= scalars
-    assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
+    per_epoch = 900 // 32  # 28 steps: epoch metrics sit at each epoch's last step
+    assert [e.step for e in acc.Scalars("accuracy/val")] == [per_epoch, 2 * per_epoch]
+    assert [(e.step, e.value) for e in acc.Scalars("epoch")] == [(per_epoch, 1), (2 * per_epoch, 2)]
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and steps[0] == 5 and steps[-1] == 2 * (900 // 32)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -201,7 +202,7 @@ def test_an_existing_run_is_never_overwritten(cifar_run, cifar_root, run_cli):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "no checkpoint file"), (b"garbage", "not a readable checkpoint"), ("tensor", "not a resnet-train checkpoint"),
+    (None, "no checkpoint at"), (b"garbage", "not a readable checkpoint"), ("tensor", "not a resnet-train checkpoint"),
 ])
 def test_eval_rejects_bad_checkpoints(run_cli, tmp_path, content, message):
     path = tmp_path / "model.pt"

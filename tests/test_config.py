@@ -7,8 +7,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from resnet_train import optim as optim_module
-from resnet_train.cli import (ConfigError, build_model, build_optimizer_and_scheduler, pick_device_and_precision,
-                              resolve_stem, validate)
+from resnet_train.cli import (
+    ConfigError,
+    build_model,
+    build_optimizer_and_scheduler,
+    pick_device_and_precision,
+    resolve_stem,
+    validate,
+)
 from resnet_train.device import DeviceError
 
 

@@ -1,11 +1,20 @@
 import pytest
 import torch
+from conftest import CLASSES, write_image_folder
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import CLASSES, write_image_folder
-from resnet_train.data import (BatchTransform, DataError, MemoryLoader, build_data, crop_flip, draw_augmentation,
-                               epoch_generator, load_cifar, stratified_split)
+from resnet_train.data import (
+    BatchTransform,
+    DataError,
+    MemoryLoader,
+    build_data,
+    crop_flip,
+    draw_augmentation,
+    epoch_generator,
+    load_cifar,
+    stratified_split,
+)
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 

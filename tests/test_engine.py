@@ -4,8 +4,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import make_images
+
 from resnet_train import engine
 from resnet_train.data import BatchTransform, MemoryLoader
 from resnet_train.device import Precision
