@@ -1,8 +1,8 @@
 """Command-line entry points: Hydra config → checked values → objects → `engine.fit` / `engine.evaluate`.
 
-The only module that knows Hydra. `train(cfg)` and `evaluate_checkpoint(cfg)` are plain functions
-of a composed config (tests call them through Hydra's compose API); `train_main` and `eval_main`
-are the console scripts.
+The only module that knows Hydra. `train(cfg)` and `evaluate_checkpoint(cfg)` take a composed
+config; `train_main` and `eval_main` are the console scripts, which prepare the command line
+(`resume=`, resnet-eval's training-config overrides) before Hydra parses it.
 """
 
 from __future__ import annotations
@@ -194,11 +194,10 @@ def build_optimizer_and_scheduler(cfg: DictConfig, model: torch.nn.Module, steps
 
 def hparam_values(cfg: DictConfig, precision: str) -> dict[str, Any]:
     """The hyperparameters shown in TensorBoard's HPARAMS tab (scalars and strings only)."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     values = {
         "model": cfg.model._target_.rsplit(".", 1)[-1], "stem": cfg.model.stem,
         "dataset": cfg.dataset.name, "optim": cfg.optim._target_.rsplit(".", 1)[-1],
-        "scheduler": choices.get("scheduler") or cfg.scheduler._target_.rsplit(".", 1)[-1],
+        "scheduler": cfg.scheduler._target_.rsplit(".", 1)[-1].lower(),
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "precision": precision, "seed": cfg.seed,
         "label_smoothing": cfg.label_smoothing, "warmup_epochs": cfg.scheduler.warmup_epochs,
     }

@@ -85,12 +85,26 @@ def image_folder_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fake_md5_dir(tmp_path_factory) -> Path:
     """A sitecustomize for subprocesses: torchvision's CIFAR md5 checks accept any existing file
-    (the only part of the real format our generated batches cannot match)."""
+    (the only part of the real format our generated batches cannot match). It patches the module
+    when it is first imported, so processes that never load CIFAR start as fast as usual."""
     d = tmp_path_factory.mktemp("sitecustomize")
     (d / "sitecustomize.py").write_text(textwrap.dedent("""
-        import os
-        import torchvision.datasets.cifar as cifar
-        cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+        import importlib.abc, importlib.machinery, os, sys
+
+        class PatchCifarIntegrityCheck(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name != "torchvision.datasets.cifar":
+                    return None
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                run_module = spec.loader.exec_module
+
+                def exec_module(module):
+                    run_module(module)
+                    module.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+                spec.loader.exec_module = exec_module
+                return spec
+
+        sys.meta_path.insert(0, PatchCifarIntegrityCheck())
     """))
     return d
 
