@@ -170,7 +170,7 @@ class _EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         if not self.shuffle:
             return iter(range(self.n))
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu")))
         return iter(order[self.start:].tolist())
 
 

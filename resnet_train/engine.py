@@ -115,46 +115,52 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
     meter, clock = _Meter(device, start), time.perf_counter() - start.seconds
     logged_sum, logged_images, window_lrs = start.logged_loss_sum, start.logged_images, {}
 
+    def read_finite() -> tuple[float, float]:
+        """Sync with the device once; stop here if any step since the last read was non-finite."""
+        loss_sum, correct, bad_step = meter.read()
+        if bad_step is not None:
+            raise TrainingDiverged(
+                f"the training loss became NaN/inf at step {bad_step} (learning rate {window_lrs[bad_step]:.4g}); "
+                "lower optim.lr or add scheduler.warmup_epochs")
+        return loss_sum, correct
+
     def snapshot(step: int) -> EpochProgress:
-        loss_sum, correct, _ = meter.read()
+        loss_sum, correct = read_finite()
         return EpochProgress(step, loss_sum, correct, meter.images, logged_sum, logged_images,
                              time.perf_counter() - clock)
 
     bar = tqdm(total=len(loader), initial=start.step, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                disable=None if progress is None else not progress)
-    for i, (images, labels) in enumerate(loader, start.step + 1):
-        global_step += 1
-        window_lrs[global_step] = scheduler.get_last_lr()[0]  # the lr this step uses
-        with precision.autocast():
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        meter.add(loss, logits, labels, global_step)
-        bar.update(1)
-        if i % log_every == 0 or i == len(loader):
-            loss_sum, correct, bad_step = meter.read()
-            if bad_step is not None:
-                raise TrainingDiverged(
-                    f"the training loss became NaN/inf at step {bad_step} (learning rate {window_lrs[bad_step]:.4g}); "
-                    "lower optim.lr or add scheduler.warmup_epochs")
-            window_loss = (loss_sum - logged_sum) / (meter.images - logged_images)
-            lr = scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{loss_sum / meter.images:.4f}", acc=f"{correct / meter.images:.2%}",
-                            lr=f"{lr:.3g}", img_s=f"{meter.images / (time.perf_counter() - clock):,.0f}",
-                            refresh=False)
-            if on_log is not None:
-                on_log(global_step, window_loss, lr)
-            logged_sum, logged_images, window_lrs = loss_sum, meter.images, {}
-        if should_stop is not None and should_stop():
-            bar.close()
-            raise TrainingInterrupted(snapshot(i), global_step)
-        if checkpoint_every and global_step % checkpoint_every == 0 and i < len(loader) and on_checkpoint:
-            on_checkpoint(snapshot(i), global_step)
-    bar.close()
+    try:
+        for i, (images, labels) in enumerate(loader, start.step + 1):
+            global_step += 1
+            window_lrs[global_step] = scheduler.get_last_lr()[0]  # the lr this step uses
+            with precision.autocast():
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            meter.add(loss, logits, labels, global_step)
+            bar.update(1)
+            if i % log_every == 0 or i == len(loader):
+                loss_sum, correct = read_finite()
+                window_loss = (loss_sum - logged_sum) / (meter.images - logged_images)
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss_sum / meter.images:.4f}", acc=f"{correct / meter.images:.2%}",
+                                lr=f"{lr:.3g}", img_s=f"{meter.images / (time.perf_counter() - clock):,.0f}",
+                                refresh=False)
+                if on_log is not None:
+                    on_log(global_step, window_loss, lr)
+                logged_sum, logged_images, window_lrs = loss_sum, meter.images, {}
+            if should_stop is not None and should_stop():
+                raise TrainingInterrupted(snapshot(i), global_step)
+            if checkpoint_every and global_step % checkpoint_every == 0 and i < len(loader) and on_checkpoint:
+                on_checkpoint(snapshot(i), global_step)
+    finally:
+        bar.close()
     loss_sum, correct, _ = meter.read()
     n = max(meter.images, 1)
     return EpochResult(loss_sum / n, correct / n, meter.images, time.perf_counter() - clock), global_step

@@ -166,3 +166,19 @@ def test_auto_loader_streams_what_does_not_fit(tmp_path, monkeypatch):
     assert build_data("image_folder", str(root), **common(loader="auto", batch_size=8)).storage == "memory"
     monkeypatch.setattr(data_module, "memory_budget_bytes", lambda device: 40 * 32 * 32 * 3 - 1)
     assert build_data("image_folder", str(root), **common(loader="auto", batch_size=8)).storage == "stream"
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_skipping_batches_resumes_the_same_epoch(tmp_path, loader):
+    """set_epoch(e, skip=k) yields exactly the batches k.. of the uninterrupted epoch e."""
+    root = write_image_folder(tmp_path, {"train": 48}, num_classes=3)
+    train = build_data("image_folder", str(root), **common(loader=loader, val_size=0, batch_size=8)).train
+    train.set_epoch(3)
+    full = list(train)
+    train.set_epoch(3, skip=2)
+    resumed = list(train)
+    assert len(full) == len(train) == 6 and len(resumed) == 4
+    for (x, y), (rx, ry) in zip(full[2:], resumed):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    train.set_epoch(4)
+    assert not torch.equal(torch.cat([y for _, y in train]), torch.cat([y for _, y in full]))
