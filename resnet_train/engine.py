@@ -149,8 +149,8 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
                 loss_sum, correct = read_finite()
                 window_loss = (loss_sum - logged_sum) / (meter.images - logged_images)
                 lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss_sum / meter.images:.4f}", acc=f"{correct / meter.images:.2%}",
-                                lr=f"{lr:.3g}", img_s=f"{meter.images / (time.perf_counter() - clock):,.0f}",
+                bar.set_postfix({"loss": f"{loss_sum / meter.images:.4f}", "acc": f"{correct / meter.images:.2%}",
+                                 "lr": f"{lr:.3g}", "img/s": f"{meter.images / (time.perf_counter() - clock):,.0f}"},
                                 refresh=False)
                 if on_log is not None:
                     on_log(global_step, window_loss, lr)
@@ -175,14 +175,19 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     images, start = 0, time.perf_counter()
-    for batch, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress,
-                              dynamic_ncols=True):
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+    for i, (batch, labels) in enumerate(bar, 1):
         with precision.autocast():
             logits = model(batch)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         cells = labels * num_classes + logits.argmax(1)
         confusion.scatter_add_(0, cells, torch.ones_like(cells))  # bincount would sync to size its output
         images += len(labels)
+        if not bar.disable and i % 10 == 0:  # a live readout costs a sync: only for a visible bar
+            correct = confusion.view(num_classes, num_classes).diag().sum()
+            bar.set_postfix({"loss": f"{loss_sum.item() / images:.4f}", "acc": f"{correct.item() / images:.2%}",
+                             "img/s": f"{images / (time.perf_counter() - start):,.0f}"}, refresh=False)
     confusion = confusion.view(num_classes, num_classes).cpu()
     correct = int(confusion.diag().sum())
     return EvalResult(loss_sum.item() / max(images, 1), correct / max(images, 1), images,

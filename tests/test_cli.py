@@ -212,3 +212,14 @@ def test_eval_rejects_bad_checkpoints(run_cli, tmp_path, content, message):
         path.write_bytes(content)
     result = run_cli("resnet-eval", f"checkpoint={path}", timeout=60)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_out_of_memory_names_the_batch_size(compose_cfg, capsys):
+    from resnet_train.cli import _run_reporting_errors
+
+    def out_of_memory(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(SystemExit) as exit_:
+        _run_reporting_errors(out_of_memory, compose_cfg("batch_size=512"))
+    assert exit_.value.code == 2
+    assert "out of memory on the device with batch_size=512; try batch_size=256" in capsys.readouterr().err
