@@ -70,6 +70,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.stem": (lambda v: v in ("auto", "cifar", "imagenet"), "auto, cifar or imagenet"),
     "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.zero_init_residual": (lambda v: isinstance(v, bool), "true or false"),
+    "model.pretrained": (lambda v: v is None or (isinstance(v, str) and v != ""), "null, imagenet or a file path"),
+    "model.freeze": (lambda v: v in ("none", "backbone", "stem", "layer1", "layer2", "layer3", "layer4"),
+                     "none, backbone, stem or layer1..layer4"),
+    "optim.backbone_lr_scale": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "dataset.root": (lambda v: isinstance(v, str) and v != "", "a directory path"),
     "dataset.download": (lambda v: isinstance(v, bool), "true or false"),
     "dataset.image_size": (lambda v: _is_int(v) and v >= 8, "an integer >= 8 (pixels)"),
@@ -116,6 +120,7 @@ def validate(cfg: DictConfig) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    check_model_options(cfg)
     # Optimizer and scheduler arguments without a rule still must be numbers, booleans or lists of them.
     for group in ("optim", "scheduler"):
         for key, value in cfg[group].items():
@@ -129,10 +134,31 @@ def validate(cfg: DictConfig) -> None:
 _ABSENT = object()
 
 
-def resolve_stem(cfg: DictConfig) -> None:
-    """model.stem=auto → cifar for small images (up to 64px), imagenet for larger ones."""
+def check_model_options(cfg: DictConfig) -> None:
+    """What the model's family allows: ImageNet weights and a layer4 exist for resnet18..152 only."""
+    arch = cfg.model._target_.rsplit(".", 1)[-1]
+    cifar_family = arch in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+    if cifar_family and cfg.model.get("freeze") == "layer4":
+        raise ConfigError(f"model.freeze=layer4: {arch} has three stages (layer1..layer3)")
+    pretrained = cfg.model.get("pretrained")
+    if pretrained == "imagenet" and cifar_family:
+        raise ConfigError(f"model.pretrained=imagenet: torchvision has ImageNet weights for resnet18..152, not {arch}")
+    if pretrained not in (None, "imagenet") and not Path(pretrained).expanduser().is_file():
+        raise ConfigError(f"model.pretrained={pretrained}: no such file (expected imagenet or a state dict file)")
+    if pretrained and stem_of(cfg) == "cifar":
+        raise ConfigError("model.pretrained needs model.stem=imagenet (the stem the weights were trained with); "
+                          "set model.stem=imagenet or dataset.image_size above 64")
+
+
+def stem_of(cfg: DictConfig) -> str:
+    """model.stem, with auto → cifar for small images (up to 64px), imagenet for larger ones."""
     if cfg.model.stem == "auto":
-        cfg.model.stem = "cifar" if cfg.dataset.image_size <= 64 else "imagenet"
+        return "cifar" if cfg.dataset.image_size <= 64 else "imagenet"
+    return cfg.model.stem
+
+
+def resolve_stem(cfg: DictConfig) -> None:
+    cfg.model.stem = stem_of(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,10 +193,13 @@ def load_data(cfg: DictConfig, device: torch.device, **overrides) -> Data:
         device=device, seed=cfg.seed, num_workers=cfg.num_workers, channels_last=cfg.channels_last, log=log.info)
 
 
-def build_model(cfg: DictConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: DictConfig, num_classes: int, device: torch.device, pretrained: bool = True) -> torch.nn.Module:
+    """The configured model on `device`; `pretrained=False` skips loading model.pretrained (when
+    the weights come from a checkpoint anyway)."""
     import torch
 
-    model = instantiate(cfg.model, num_classes=num_classes)
+    extra = {} if pretrained else {"pretrained": None}
+    model = instantiate(cfg.model, num_classes=num_classes, **extra)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return model.to(device, memory_format=memory_format)
 
@@ -183,9 +212,10 @@ def build_optimizer_and_scheduler(cfg: DictConfig, model: torch.nn.Module, steps
     from .optim import Scheduler, build_optimizer
 
     try:
-        factory = instantiate(_without(cfg.optim, "decay_norm_and_bias"))
+        factory = instantiate(_without(cfg.optim, "decay_norm_and_bias", "backbone_lr_scale"))
         optimizer = build_optimizer(model, factory, cfg.optim.get("weight_decay", 0.0),
-                                    cfg.optim.get("decay_norm_and_bias", True))
+                                    cfg.optim.get("decay_norm_and_bias", True), cfg.optim.get("backbone_lr_scale", 1.0),
+                                    cfg.optim.lr)
         schedule = instantiate(_without(cfg.scheduler, "warmup_epochs"))(epochs=cfg.epochs)
     except (TypeError, ValueError) as e:  # an argument the optimizer or schedule does not take
         raise ConfigError(f"optim/scheduler: {e}") from None
@@ -238,6 +268,8 @@ class CheckBeforeRun(Callback):
 # else would change the model, the data or the optimization of a half-finished run.
 RESUMABLE = {"epochs", "device", "precision", "compile", "num_workers", "progress", "log_every_n_steps",
              "eval_batch_size", "checkpoint.every_n_steps", "dataset.root", "dataset.download", "dataset.loader"}
+RESUME_REFUSAL = ("cannot change when resuming (it would change the model, the data or the optimization of the "
+                  "run); start a new run instead")
 
 
 def config_with_overrides(stored: dict, composed: DictConfig, overrides: list[str],
@@ -283,6 +315,10 @@ def resume_arguments(args: list[str]) -> list[str]:
         _fail("resume= continues one run; it cannot be combined with -m")
     if any(a.startswith("hydra.run.dir=") for a in args):
         _fail("resume= continues in the checkpoint's own run dir; leave out hydra.run.dir")
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if not arg.startswith("-") and not key.startswith(("hydra.", "hydra/")) and key not in (*RESUMABLE, "resume"):
+            _fail(f"{arg}: {RESUME_REFUSAL}")
     try:
         checkpoint = find_checkpoint(given[-1])
     except ConfigError as e:
@@ -335,9 +371,7 @@ def train(cfg: DictConfig) -> dict:
         resume_from = cfg.resume
         ckpt = load_checkpoint(resume_from)
         overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-        cfg = config_with_overrides(ckpt["config"], cfg, overrides, RESUMABLE.__contains__,
-                                    "cannot change when resuming (it would change the model, the data or the "
-                                    "optimization of the run); start a new run instead")
+        cfg = config_with_overrides(ckpt["config"], cfg, overrides, RESUMABLE.__contains__, RESUME_REFUSAL)
         cfg.resume = resume_from
         validate(cfg)
     resolve_stem(cfg)
@@ -351,9 +385,12 @@ def train(cfg: DictConfig) -> dict:
     data = load_data(cfg, device)
     log.info(f"Data: {cfg.dataset.name}, {data.train.num_images:,} training images in {data.storage}, "
              f"{len(data.classes)} classes; validation on {data.val_source}")
-    model = build_model(cfg, len(data.classes), device)
+    model = build_model(cfg, len(data.classes), device, pretrained=ckpt is None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(f"Model: {cfg.model._target_.rsplit('.', 1)[-1]} ({cfg.model.stem} stem), "
-             f"{sum(p.numel() for p in model.parameters()):,} parameters")
+             f"{sum(p.numel() for p in model.parameters()):,} parameters"
+             + (f", {trainable:,} trainable (model.freeze={cfg.model.freeze})" if cfg.model.freeze != "none" else "")
+             + (f", backbone from {cfg.model.pretrained}" if cfg.model.pretrained else ""))
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, len(data.train))
     scaler = precision.grad_scaler()
     state = TrainState()
@@ -373,7 +410,8 @@ def train(cfg: DictConfig) -> dict:
                        resume_step=state.global_step if ckpt is not None else None)
     checkpoints = RunCheckpoints(run_dir / "checkpoints", model, optimizer, scheduler, scaler, {
         "config": stored_cfg, "classes": data.classes, "precision": precision.name,
-        "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size},
+        "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
+                          "stored_size": data.stored_size},
     })
     try:
         with GracefulStop() as stop:
@@ -412,10 +450,11 @@ def _run_reporting_errors(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> A
     from .data import DataError
     from .device import DeviceError
     from .engine import TrainingDiverged
+    from .models import ModelError
 
     try:
         return fn(cfg)
-    except (ConfigError, DeviceError, DataError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, DeviceError, DataError, CheckpointError, TrainingDiverged, ModelError) as e:
         _fail(str(e))
     except torch.OutOfMemoryError:
         _fail(f"out of memory on the device with batch_size={cfg.batch_size}; try batch_size={max(cfg.batch_size // 2, 1)}")
@@ -478,7 +517,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     loader = data.test if cfg.split == "test" else data.val
     if loader is None:
         raise DataError(f"dataset {run_cfg.dataset.name} at {run_cfg.dataset.root} has no {cfg.split} split")
-    model = build_model(run_cfg, len(data.classes), device)
+    model = build_model(run_cfg, len(data.classes), device, pretrained=False)
     load_model_state(model, ckpt["model"], str(checkpoint))
     result = evaluate(model, loader, precision, len(data.classes), desc=cfg.split, progress=run_cfg.progress)
 
@@ -526,3 +565,128 @@ def eval_main() -> None:
     _TRAINING_OVERRIDES[:] = [a for a in sys.argv[1:] if a not in own]
     sys.argv[1:] = own
     _eval_app()
+
+
+# --------------------------------------------------------------------------------------------
+# resnet-predict
+# --------------------------------------------------------------------------------------------
+
+
+def predict_checkpoint(cfg: DictConfig) -> int:
+    """Top-k predictions for files and folders; returns the exit status (1 if any input was unreadable)."""
+    from . import device as devices
+    from .checkpoint import load_checkpoint, load_model_state
+    from .data import BatchTransform
+    from .predict import collect_files, predict_files, write_csv
+
+    inputs = list(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else [str(cfg.inputs)]
+    if not _is_int(cfg.topk) or cfg.topk < 1:
+        raise ConfigError(f"topk={cfg.topk!r} is invalid: expected a positive integer")
+    if not _is_int(cfg.batch_size) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size!r} is invalid: expected a positive integer")
+    checkpoint = find_checkpoint(cfg.checkpoint, "best.pt")
+    ckpt = load_checkpoint(checkpoint)
+    run_cfg = OmegaConf.create(ckpt["config"])
+    run_cfg.channels_last = run_cfg.get("channels_last", True)
+    device = devices.pick_device(cfg.device)
+    precision = devices.Precision(devices.pick_precision(ckpt.get("precision", "auto"), device), device.type)
+    classes, norm = ckpt["classes"], ckpt["normalization"]
+    model = build_model(run_cfg, len(classes), device, pretrained=False)
+    load_model_state(model, ckpt["model"], str(checkpoint))
+
+    files, skipped = collect_files(inputs)
+    stored = norm.get("stored_size", norm["image_size"])
+    transform = BatchTransform(norm["mean"], norm["std"], output_size=norm["image_size"],
+                               channels_last=run_cfg.channels_last)
+    predictions, unreadable = predict_files(model, files, classes, transform, stored, precision, device,
+                                            cfg.batch_size, cfg.topk)
+    skipped += unreadable
+    width = max((len(str(p.path)) for p in predictions), default=10)
+    for p in predictions:
+        print(f"{str(p.path):<{width}}  " + "  ".join(f"{c} {pr:.3f}" for c, pr in zip(p.classes, p.probabilities)))
+    for item, reason in skipped:
+        print(f"skipped {item}: {reason}", file=sys.stderr)
+    output = Path(cfg.output)
+    write_csv(output, predictions, min(cfg.topk, len(classes)))
+    print(f"\n{len(predictions)} image(s) predicted, {len(skipped)} skipped; wrote {output}")
+    return 1 if skipped or not predictions else 0
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+def _predict_app(cfg: DictConfig) -> None:
+    status = _run_reporting_errors(predict_checkpoint, cfg)
+    sys.exit(status)
+
+
+def predict_main() -> None:
+    """The `resnet-predict` console script."""
+    _predict_app()
+
+
+# --------------------------------------------------------------------------------------------
+# resnet-summary
+# --------------------------------------------------------------------------------------------
+
+SUMMARY_HELP = """resnet-summary: a per-layer table of a model (output shape, parameters, trainable or frozen,
+multiply-accumulates), for a config or a checkpoint.
+
+Usage:
+  resnet-summary [KEY=VALUE ...]          any resnet-train keys, e.g. model=resnet50 dataset.image_size=224
+  resnet-summary checkpoint=PATH          the model of a trained run (a .pt file or a run dir)
+
+Examples:
+  resnet-summary model=resnet20
+  resnet-summary model=resnet50 dataset.image_size=224 model.freeze=layer3
+"""
+
+
+def summary_table(args: list[str]) -> str:
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    from .checkpoint import load_checkpoint
+    from .summary import format_table, summarize
+
+    given = [a.split("=", 1)[1] for a in args if a.startswith("checkpoint=")]
+    if given:
+        ckpt = load_checkpoint(find_checkpoint(given[-1], "best.pt"))
+        cfg, num_classes = OmegaConf.create(ckpt["config"]), len(ckpt["classes"])
+    else:
+        try:
+            with initialize_config_module(config_module="resnet_train.configs", version_base="1.3"):
+                cfg = compose(config_name="train", overrides=args)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(str(e).strip().splitlines()[0]) from None
+        num_classes = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset.name) or _folder_classes(cfg)
+    cfg.model.pretrained = None  # the table needs the shapes, not the weights
+    validate(cfg)
+    resolve_stem(cfg)
+    import torch
+
+    model = build_model(cfg, num_classes, torch.device("cpu"), pretrained=False)
+    image_size = cfg.dataset.image_size
+    header = (f"{cfg.model._target_.rsplit('.', 1)[-1]} ({cfg.model.stem} stem, {num_classes} classes, "
+              f"model.freeze={cfg.model.freeze}), {image_size}x{image_size} input\n")
+    return header + format_table(summarize(model, image_size), model, image_size)
+
+
+def _folder_classes(cfg: DictConfig) -> int:
+    from .data import list_image_folder
+
+    return len(list_image_folder(Path(cfg.dataset.root).expanduser() / "train")[1])
+
+
+def summary_main() -> None:
+    """The `resnet-summary` console script."""
+    args = sys.argv[1:]
+    if {"-h", "--help"} & set(args):
+        print(SUMMARY_HELP)
+        return
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .models import ModelError
+
+    try:
+        print(summary_table(args))
+    except (ConfigError, CheckpointError, DataError, ModelError) as e:
+        _fail(str(e))

@@ -364,7 +364,8 @@ class Data:
     classes: list[str]
     mean: list[float] | None
     std: list[float] | None
-    image_size: int
+    image_size: int  # what the model sees
+    stored_size: int  # what images are decoded to (CIFAR: 32, then resized per batch to image_size)
     val_source: str  # where validation images come from, for the log
     storage: str  # "memory" or "stream"
 
@@ -449,7 +450,8 @@ def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] |
 
     test_loader = make(test, False)
     val_loader = test_loader if val is test else make(val, False)
-    return Data(make(train, True), val_loader, test_loader, classes, mean, std, image_size, val_source, storage)
+    return Data(make(train, True), val_loader, test_loader, classes, mean, std, image_size, stored_size, val_source,
+                storage)
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -9,6 +9,7 @@ Two families share one `ResNet` class:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -125,6 +126,7 @@ class ResNet(nn.Module):
                 self.in_planes = width * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(layers)
+        self.frozen: list[nn.Module] = []  # set by `freeze`: kept in eval mode by `train()`
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(self.in_planes, num_classes)
@@ -142,6 +144,19 @@ class ResNet(nn.Module):
                 elif isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
+    def train(self, mode: bool = True) -> ResNet:
+        """Frozen parts stay in eval mode: their BatchNorm statistics do not move."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+    def stages(self) -> list[tuple[str, list[nn.Module]]]:
+        """The network in order: stem, layer1..layerN, fc."""
+        return [("stem", [self.conv1, self.bn1]),
+                *((f"layer{i}", [getattr(self, f"layer{i}")]) for i in range(1, self.num_stages + 1)),
+                ("fc", [self.fc])]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(1, self.num_stages + 1):
@@ -150,39 +165,104 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(x))
 
 
+class ModelError(ValueError):
+    """Pretrained weights or a freeze point that do not fit the model."""
+
+
+def freeze(model: ResNet, upto: str) -> None:
+    """Freeze `upto` = none | backbone (all but fc) | stem | layer1..layerN (the stem through it):
+    no gradients for their parameters, and their BatchNorm layers stay in eval mode."""
+    if upto == "none":
+        return
+    names = [name for name, _ in model.stages()]
+    last = "layer" + str(model.num_stages) if upto == "backbone" else upto
+    if last not in names[:-1]:
+        raise ModelError(f"model.freeze={upto} is not one of none, backbone, {', '.join(names[:-1])}")
+    for name, modules in model.stages()[:names.index(last) + 1]:
+        for module in modules:
+            module.requires_grad_(False)
+            model.frozen.append(module)
+    model.train(model.training)
+
+
+def pretrained_state_dict(arch: str, source: str) -> dict[str, torch.Tensor]:
+    """`imagenet`: torchvision's ImageNet weights for `arch` (downloaded once into TORCH_HOME);
+    otherwise a path to a state dict with torchvision's names (or a resnet-train checkpoint)."""
+    if source == "imagenet":
+        import torchvision
+
+        if arch not in IMAGENET_FAMILY:
+            raise ModelError(f"torchvision has no ImageNet weights for {arch}; use one of {', '.join(IMAGENET_FAMILY)}")
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        try:
+            return weights.get_state_dict(progress=True)
+        except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a broken download
+            raise ModelError(f"could not load ImageNet weights for {arch} ({getattr(e, 'reason', e)}). Offline, "
+                             f"download {weights.url} elsewhere and put it at {cached}, or pass "
+                             "model.pretrained=/path/to/state_dict.pth") from None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ModelError(f"model.pretrained={source}: no such file (expected imagenet or a state dict file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"model.pretrained={source} is not a readable state dict ({str(e).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a resnet-train checkpoint
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"model.pretrained={source} does not hold a state dict (names -> tensors)")
+    return state
+
+
+def load_backbone(model: ResNet, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy every weight but the classifier's from `state`; fc stays freshly initialized for this
+    data set's classes."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    theirs = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
+    mismatched = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
+    if missing or unexpected or mismatched:
+        detail = (f"{mismatched[0]} is {tuple(theirs[mismatched[0]].shape)} there, {tuple(own[mismatched[0]].shape)} here"
+                  if mismatched else f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
+        raise ModelError(f"the weights of {source} do not fit this model ({detail}); pretrained weights need the "
+                         "same architecture with the imagenet stem (model.stem=imagenet)")
+    model.load_state_dict(theirs, strict=False)
+
+
 IMAGENET_WIDTHS = [64, 128, 256, 512]
 CIFAR_WIDTHS = [16, 32, 64]
 
 
-def _imagenet_family(block, layers):
-    def factory(num_classes: int = 10, stem: Stem = "cifar", dropout: float = 0.0,
-                zero_init_residual: bool = False) -> ResNet:
-        return ResNet(block, layers, IMAGENET_WIDTHS, num_classes, stem, "B", dropout, zero_init_residual)
+def _build(arch: str, block, layers, widths, shortcut: Shortcut, num_classes: int, stem: Stem, dropout: float,
+           zero_init_residual: bool, pretrained: str | None, freeze_upto: str) -> ResNet:
+    model = ResNet(block, layers, widths, num_classes, stem, shortcut, dropout, zero_init_residual)
+    if pretrained:
+        load_backbone(model, pretrained_state_dict(arch, pretrained), pretrained)
+    freeze(model, freeze_upto)
+    return model
+
+
+def _factory(arch: str, block, layers: list[int], widths: list[int], shortcut: Shortcut):
+    def factory(num_classes: int = 10, stem: Stem = "cifar", dropout: float = 0.0, zero_init_residual: bool = False,
+                pretrained: str | None = None, freeze: str = "none") -> ResNet:
+        return _build(arch, block, layers, widths, shortcut, num_classes, stem, dropout, zero_init_residual,
+                      pretrained, freeze)
+    factory.__name__ = factory.__qualname__ = arch
+    factory.__doc__ = f"{arch}: a ResNet with {sum(layers)} {block.__name__}s in {len(layers)} stages."
     return factory
 
 
-def _cifar_family(depth: int):
-    n = (depth - 2) // 6
-
-    def factory(num_classes: int = 10, stem: Stem = "cifar", dropout: float = 0.0,
-                zero_init_residual: bool = False) -> ResNet:
-        return ResNet(BasicBlock, [n] * 3, CIFAR_WIDTHS, num_classes, stem, "A", dropout, zero_init_residual)
-    return factory
-
-
-resnet18 = _imagenet_family(BasicBlock, [2, 2, 2, 2])
-resnet34 = _imagenet_family(BasicBlock, [3, 4, 6, 3])
-resnet50 = _imagenet_family(Bottleneck, [3, 4, 6, 3])
-resnet101 = _imagenet_family(Bottleneck, [3, 4, 23, 3])
-resnet152 = _imagenet_family(Bottleneck, [3, 8, 36, 3])
-resnet20 = _cifar_family(20)
-resnet32 = _cifar_family(32)
-resnet44 = _cifar_family(44)
-resnet56 = _cifar_family(56)
-resnet110 = _cifar_family(110)
+IMAGENET_FAMILY = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+                   "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
+                   "resnet152": (Bottleneck, [3, 8, 36, 3])}
+CIFAR_FAMILY = {f"resnet{d}": (BasicBlock, [(d - 2) // 6] * 3) for d in (20, 32, 44, 56, 110)}
 
 ARCHITECTURES = {
-    name: globals()[name]
-    for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                 "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+    **{a: _factory(a, b, n, IMAGENET_WIDTHS, "B") for a, (b, n) in IMAGENET_FAMILY.items()},
+    **{a: _factory(a, b, n, CIFAR_WIDTHS, "A") for a, (b, n) in CIFAR_FAMILY.items()},
 }
+resnet18, resnet34, resnet50, resnet101, resnet152 = (ARCHITECTURES[a] for a in IMAGENET_FAMILY)
+resnet20, resnet32, resnet44, resnet56, resnet110 = (ARCHITECTURES[a] for a in CIFAR_FAMILY)

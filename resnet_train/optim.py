@@ -17,22 +17,35 @@ from torch import nn
 ScheduleFn = Callable[[float], float]
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = True) -> list[dict]:
-    """Parameters to optimize; with `decay_norm_and_bias=False` BatchNorm and bias params get no decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if decay_norm_and_bias:
-        return [{"params": params, "weight_decay": weight_decay}]
-    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                for p in m.parameters(recurse=False)}
-    no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
-    return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = True,
+                 backbone_lr_scale: float = 1.0, lr: float | None = None) -> list[dict]:
+    """Trainable parameters in groups: with `decay_norm_and_bias=False` BatchNorm and bias parameters
+    get no weight decay; with `backbone_lr_scale` != 1 everything but the classifier (fc) trains at
+    `lr * backbone_lr_scale`. Frozen parameters (requires_grad=False) are left out."""
+    no_decay = set()
+    if not decay_norm_and_bias:
+        no_decay = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    for p in m.parameters(recurse=False)}
+        no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            head = name.startswith("fc.") or backbone_lr_scale == 1.0
+            groups.setdefault((head, id(p) not in no_decay), []).append(p)
+    out = []
+    for (head, decays), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if not head:
+            group["lr"] = lr * backbone_lr_scale
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, factory: Callable[..., torch.optim.Optimizer], weight_decay: float,
-                    decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
+                    decay_norm_and_bias: bool = True, backbone_lr_scale: float = 1.0,
+                    lr: float | None = None) -> torch.optim.Optimizer:
     """`factory` is the optimizer class with its hyperparameters bound (Hydra `_partial_`)."""
-    return factory(param_groups(model, weight_decay, decay_norm_and_bias))
+    return factory(param_groups(model, weight_decay, decay_norm_and_bias, backbone_lr_scale, lr))
 
 
 # Schedules: factories called with the run's length, returning epoch -> factor ----------------

@@ -83,8 +83,7 @@ def test_experiment_recipes_compose(compose_cfg, name):
     cfg = compose_cfg(f"experiment={name}")
     validate(cfg)
     text = (files("resnet_train.configs") / "experiment" / f"{name}.yaml").read_text()
-    assert "Reference:" in text  # every recipe names its reference accuracy and source
-    assert cfg.epochs > 30
+    assert "Reference:" in text  # every recipe names the accuracy it aims at and where that comes from
 
 
 def test_he2016_recipe_matches_the_paper(compose_cfg):

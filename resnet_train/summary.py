@@ -1,0 +1,77 @@
+"""A per-layer table of a model (`resnet-summary`), as torchsummary prints it in the tutorials:
+output shape, parameters, trainable or frozen, and multiply-accumulates per image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    trainable: bool
+    macs: int
+
+
+def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one call for one image (convolutions and linear layers)."""
+    if isinstance(module, nn.Conv2d):
+        per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        return output[0].numel() * per_output
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    return 0
+
+
+@torch.no_grad()
+def summarize(model: nn.Module, image_size: int) -> list[LayerRow]:
+    """One row per call of each leaf module during a forward pass of one image."""
+    rows: list[LayerRow] = []
+    seen: set[int] = set()  # parameters are counted at a module's first call only
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            own = list(module.parameters(recurse=False))
+            params = 0 if id(module) in seen else sum(p.numel() for p in own)
+            seen.add(id(module))
+            trainable = any(p.requires_grad for p in own) if own else True
+            rows.append(LayerRow(name, type(module).__name__, tuple(output.shape[1:]), params, trainable,
+                                 layer_macs(module, output)))
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
+               if not list(m.children())]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return rows
+
+
+def format_table(rows: list[LayerRow], model: nn.Module, image_size: int) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    width = max(len(r.name) for r in rows) + 2
+    lines = [f"{'layer':<{width}}{'type':<18}{'output shape':<20}{'params':>12}  {'':9}{'MACs':>14}", "-" * (width + 80)]
+    for r in rows:
+        shape = "x".join(map(str, r.output_shape))
+        status = "" if not r.params else ("trainable" if r.trainable else "frozen")
+        lines.append(f"{r.name:<{width}}{r.kind:<18}{shape:<20}{r.params:>12,}  {status:<9}{r.macs:>14,}")
+    macs = sum(r.macs for r in rows)
+    lines += ["-" * (width + 80),
+              f"input: 1x3x{image_size}x{image_size}",
+              f"parameters: {total:,} ({trainable:,} trainable, {total - trainable:,} frozen)",
+              f"multiply-accumulates per image: {macs:,} ({macs / 1e9:.2f} GMACs)",
+              f"parameter memory: {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.1f} MiB"]
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Transfer learning and using a trained model: pretrained weights, freezing, predict, summary."""
+
+import csv
+import json
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import write_image_folder
+
+from resnet_train import models
+from resnet_train.models import ARCHITECTURES, ModelError
+from resnet_train.optim import param_groups
+from resnet_train.summary import summarize
+
+
+@pytest.fixture(scope="module")
+def torchvision_weights(tmp_path_factory) -> tuple[Path, dict]:
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_pretrained_path_loads_every_backbone_tensor(torchvision_weights):
+    path, state = torchvision_weights
+    model = models.resnet18(num_classes=10, stem="imagenet", pretrained=str(path))
+    own = model.state_dict()
+    for key, value in state.items():
+        if not key.startswith("fc."):
+            assert torch.equal(own[key], value), key
+    assert model.fc.weight.shape == (10, 512)  # a new classifier for this data set
+
+
+def test_pretrained_mismatches_and_offline_imagenet_are_clear(torchvision_weights, tmp_path, monkeypatch):
+    path, _ = torchvision_weights
+    with pytest.raises(ModelError, match="do not fit this model.*imagenet stem"):
+        models.resnet18(stem="cifar", pretrained=str(path))  # conv1 is 3x3 there
+    with pytest.raises(ModelError, match="do not fit this model"):
+        models.resnet34(stem="imagenet", pretrained=str(path))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ModelError, match="not a readable state dict"):
+        models.resnet18(stem="imagenet", pretrained=str(tmp_path / "junk.pth"))
+    with pytest.raises(ModelError, match="no ImageNet weights for resnet20"):
+        models.resnet20(pretrained="imagenet")
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(ModelError, match=r"(?s)Name or service not known.*resnet18-f37072fd.pth.*"
+                                         r"torch-home/hub/checkpoints/resnet18-f37072fd.pth"):
+        models.resnet18(stem="imagenet", pretrained="imagenet")
+
+
+@pytest.mark.parametrize("upto,frozen,trainable", [
+    ("backbone", ["conv1", "bn1", "layer1", "layer4"], ["fc"]),
+    ("layer2", ["conv1", "layer1", "layer2"], ["layer3", "layer4", "fc"]),
+    ("stem", ["conv1", "bn1"], ["layer1", "fc"]),
+])
+def test_freeze_points(upto, frozen, trainable):
+    model = models.resnet18(freeze=upto).train()
+    for name in frozen:
+        module = getattr(model, name)
+        assert not any(p.requires_grad for p in module.parameters()), name
+        assert all(not m.training for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)), name
+    for name in trainable:
+        assert all(p.requires_grad for p in getattr(model, name).parameters()), name
+    assert model.fc.training
+    with pytest.raises(ModelError, match="model.freeze=layer4"):
+        models.resnet20(freeze="layer4")
+
+
+def test_optimizer_gets_only_trainable_params_and_a_scaled_backbone_lr():
+    model = models.resnet18(freeze="layer2")
+    groups = param_groups(model, 5e-4, decay_norm_and_bias=False, backbone_lr_scale=0.1, lr=0.2)
+    given = {id(p) for g in groups for p in g["params"]}
+    assert given == {id(p) for p in model.parameters() if p.requires_grad}
+    for group in groups:
+        is_head = all(p is model.fc.weight or p is model.fc.bias for p in group["params"])
+        assert group.get("lr") == (None if is_head else pytest.approx(0.02))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_summary_totals_equal_the_parameter_count(name):
+    model = ARCHITECTURES[name](freeze="layer1")
+    rows = summarize(model, 32)
+    assert sum(r.params for r in rows) == sum(p.numel() for p in model.parameters())
+    frozen = sum(r.params for r in rows if not r.trainable)
+    assert frozen == sum(p.numel() for p in model.parameters() if not p.requires_grad) > 0
+    assert rows[-1].name == "fc" and rows[-1].output_shape == (10,)
+
+
+def test_summary_macs_match_the_known_resnet18_figure():
+    rows = summarize(models.resnet18(num_classes=1000, stem="imagenet"), 224)
+    assert sum(r.macs for r in rows) == pytest.approx(1.814e9, rel=1e-3)  # torchvision: 1.81 GFLOPS (MACs)
+
+
+def test_summary_cli(run_cli):
+    result = run_cli("resnet-summary", "model=resnet50", "dataset.image_size=224", "model.freeze=layer3")
+    assert result.returncode == 0, result.stderr
+    assert "imagenet stem" in result.stdout and "GMACs" in result.stdout and "frozen" in result.stdout
+    assert "parameters: 23,528,522" in result.stdout
+    bad = run_cli("resnet-summary", "model=resnet19")
+    assert bad.returncode == 2 and "resnet19" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, cifar_root, run_cli, tmp_path):
+    path, state = torchvision_weights
+    run_dir = tmp_path / "probe"
+    result = run_cli("resnet-train", "model=resnet18", f"model.pretrained={path}", "model.stem=imagenet",
+                     "model.freeze=backbone", "epochs=1", "batch_size=64", "dataset.val_size=100",
+                     f"dataset.root={cifar_root}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "5,130 trainable (model.freeze=backbone)" in result.stdout
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    for key, value in state.items():
+        if not key.startswith("fc."):
+            assert torch.equal(ckpt["model"][key], value), key  # weights and BN running statistics untouched
+    assert not torch.equal(ckpt["model"]["fc.weight"], models.resnet18(stem="imagenet").fc.weight)
+    assert len(ckpt["optimizer"]["state"]) == 2  # fc.weight and fc.bias only
+
+
+def test_pretrained_config_errors_before_any_work(run_cli, tmp_path):
+    for args, message in [(["model=resnet20", "model.pretrained=imagenet"], "ImageNet weights for resnet18..152"),
+                          (["model.pretrained=/no/such/file.pth", "model.stem=imagenet"], "no such file"),
+                          (["model.pretrained=imagenet"], "needs model.stem=imagenet")]:
+        result = run_cli("resnet-train", *args, f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory, fake_md5_dir):
+    import os
+    import subprocess
+    import sys
+    root = write_image_folder(tmp_path_factory.mktemp("pets"), {"train": 300, "test": 120}, num_classes=4)
+    run_dir = root.parent / "run"
+    result = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), "model=resnet20", "epochs=2",
+                             "batch_size=32", "optim.lr=0.05", "dataset=image_folder", f"dataset.root={root}",
+                             "dataset.val_size=0.2", "num_workers=0", f"hydra.run.dir={run_dir}"],
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return root, run_dir
+
+
+def test_predictions_agree_with_eval(folder_run, run_cli, tmp_path):
+    root, run_dir = folder_run
+    evaluated = run_cli("resnet-eval", f"checkpoint={run_dir}", f"output={tmp_path / 'eval.json'}")
+    assert evaluated.returncode == 0, evaluated.stderr
+    accuracy = json.loads((tmp_path / "eval.json").read_text())["accuracy"]
+
+    out = tmp_path / "predictions.csv"
+    result = run_cli("resnet-predict", f"checkpoint={run_dir}", f"inputs=[{root / 'test'}]", "topk=3", f"output={out}")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 120 and list(rows[0]) == ["file", "class_1", "probability_1", "class_2", "probability_2",
+                                                  "class_3", "probability_3"]
+    correct = sum(Path(r["file"]).parent.name == r["class_1"] for r in rows)
+    assert correct / len(rows) == pytest.approx(accuracy)
+    assert all(float(r["probability_1"]) >= float(r["probability_2"]) >= float(r["probability_3"]) for r in rows)
+    assert "120 image(s) predicted, 0 skipped" in result.stdout
+
+
+def test_predict_reports_and_skips_unreadable_files(folder_run, run_cli, tmp_path):
+    root, run_dir = folder_run
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    image = next((root / "test").rglob("*.png"))
+    result = run_cli("resnet-predict", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
+                     f"inputs=[{image},{tmp_path / 'notes.txt'},{tmp_path / 'broken.png'},{tmp_path / 'missing.jpg'}]",
+                     f"output={tmp_path / 'p.csv'}")
+    assert result.returncode == 1
+    assert "1 image(s) predicted, 3 skipped" in result.stdout
+    for name in ("notes.txt", "broken.png", "missing.jpg"):
+        assert name in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 1
+    assert run_cli("resnet-predict", f"checkpoint={tmp_path}", "inputs=[x.png]").returncode == 2
