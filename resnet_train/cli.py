@@ -7,6 +7,9 @@ config; `train_main` and `eval_main` are the console scripts, which prepare the 
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import os
 import random
@@ -66,6 +69,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "progress": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
     "checkpoint.every_n_steps": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "tensorboard.images": (lambda v: isinstance(v, bool), "true or false"),
+    "tensorboard.confusion_every_n_epochs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "tensorboard.histograms_every_n_epochs": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "tensorboard.mistakes": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "resume": (lambda v: v is None or isinstance(v, str), "a checkpoint, a run dir or latest"),
     "model.stem": (lambda v: v in ("auto", "cifar", "imagenet"), "auto, cifar or imagenet"),
     "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -264,10 +271,92 @@ class CheckBeforeRun(Callback):
                   f"so earlier results are not overwritten, or continue it with resume={run_dir}")
 
 
+class SweepSummary(Callback):
+    """After each job of a sweep (`-m`): <sweep dir>/summary.csv with one row per job, best
+    validation accuracy first (failed jobs last, with their error); after the last job the same
+    table is printed as markdown."""
+
+    COLUMNS = ("job", "overrides", "status", "best_val_accuracy", "test_accuracy", "best_epoch", "epochs",
+               "wall_seconds", "error", "job_dir")
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.swept: set[str] = set()
+        self.expected: int | None = None
+        self.printed = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.rows, self.printed = [], False
+        self.swept, self.expected = _swept_keys(config)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        metrics_file = job_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        failed = job_return.status != JobStatus.COMPLETED
+        error = getattr(job_return, "_return_value", None) if failed else None
+        swept = [o for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in self.swept]
+        self.rows.append({
+            "job": config.hydra.job.num, "overrides": ",".join(swept) or config.hydra.job.override_dirname,
+            "job_dir": str(job_dir.relative_to(Path(config.hydra.sweep.dir))) if job_dir != Path(config.hydra.sweep.dir) else ".",
+            "status": "failed" if failed else "ok",
+            **{k: metrics.get(k) for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs", "wall_seconds")},
+            "error": (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if failed else "",
+        })
+        self.rows.sort(key=lambda r: (r["status"] != "ok", -(r["best_val_accuracy"] or -1)))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        from .checkpoint import atomic_write
+
+        atomic_write(sweep_dir / "summary.csv", lambda f: f.write(text.getvalue().encode()))
+        if self.expected is not None and len(self.rows) >= self.expected:
+            self._print(sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.rows and not self.printed:
+            self._print(Path(config.hydra.sweep.dir))
+
+    def _print(self, sweep_dir: Path) -> None:
+        self.printed = True
+        pct = lambda v: "" if v is None else f"{v:.2%}"  # noqa: E731
+        lines = ["| overrides | best val acc | test acc | best epoch | wall time | status |", "|---|---:|---:|---:|---:|---|"]
+        for r in self.rows:
+            wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}s"
+            status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
+            lines.append(f"| {r['overrides']} | {pct(r['best_val_accuracy'])} | {pct(r['test_accuracy'])} | "
+                         f"{r['best_epoch'] or ''} | {wall} | {status} |")
+        print(f"\nSweep summary ({sweep_dir / 'summary.csv'}):\n" + "\n".join(lines), flush=True)
+
+
+def _swept_keys(config: DictConfig) -> tuple[set[str], int | None]:
+    """The keys a sweep varies, and how many jobs the basic sweeper will run (the product of the
+    swept values' counts; None for other sweepers, e.g. Optuna, whose n_trials decides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys, size = set(), 1
+    for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        if override.is_sweep_override():
+            keys.add(override.get_key_element().lstrip("+~"))
+            size *= len(list(override.sweep_string_iterator()))
+    for key in config.hydra.sweeper.get("params") or {}:  # sweepers that take their search space as params
+        keys.add(key)
+    basic = "BasicSweeper" in str(config.hydra.sweeper.get("_target_", ""))
+    return keys, size if basic else None
+
+
 # Keys that may change when a run is resumed: where and how fast it runs, and how long. Anything
 # else would change the model, the data or the optimization of a half-finished run.
 RESUMABLE = {"epochs", "device", "precision", "compile", "num_workers", "progress", "log_every_n_steps",
-             "eval_batch_size", "checkpoint.every_n_steps", "dataset.root", "dataset.download", "dataset.loader"}
+             "eval_batch_size", "checkpoint.every_n_steps", "dataset.root", "dataset.download", "dataset.loader",
+             "tensorboard.images", "tensorboard.confusion_every_n_epochs", "tensorboard.histograms_every_n_epochs",
+             "tensorboard.mistakes"}
 RESUME_REFUSAL = ("cannot change when resuming (it would change the model, the data or the optimization of the "
                   "run); start a new run instead")
 
@@ -362,7 +451,7 @@ def train(cfg: DictConfig) -> dict:
     from . import device as devices
     from .checkpoint import RunCheckpoints, load_checkpoint, restore_training
     from .engine import TrainingInterrupted, TrainState, fit
-    from .logging import RunLogger
+    from .logging import ImageSettings, RunLogger
 
     started_at = time.time()
     validate(cfg)
@@ -406,8 +495,14 @@ def train(cfg: DictConfig) -> dict:
 
     stored_cfg = OmegaConf.to_container(cfg, resolve=True)
     stored_cfg["dataset"].update(mean=data.mean, std=data.std)  # computed statistics are part of the run
+    tb = cfg.tensorboard
     logger = RunLogger(run_dir, OmegaConf.to_yaml(stored_cfg), hparam_values(cfg, precision.name), cfg.epochs,
-                       resume_step=state.global_step if ckpt is not None else None)
+                       resume_step=state.global_step if ckpt is not None else None,
+                       settings=ImageSettings(data.classes, data.mean, data.std, tb.images,
+                                              tb.confusion_every_n_epochs, tb.histograms_every_n_epochs))
+    if ckpt is None and tb.images:
+        data.train.set_epoch(0)  # epoch 0 is never trained: drawing its first batch changes nothing
+        logger.augmented_samples(next(iter(data.train))[0])
     checkpoints = RunCheckpoints(run_dir / "checkpoints", model, optimizer, scheduler, scaler, {
         "config": stored_cfg, "classes": data.classes, "precision": precision.name,
         "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
@@ -418,7 +513,8 @@ def train(cfg: DictConfig) -> dict:
             metrics = fit(model, data, optimizer, scheduler, precision, scaler, epochs=cfg.epochs, state=state,
                           logger=logger, checkpoints=checkpoints, label_smoothing=cfg.label_smoothing,
                           log_every=cfg.log_every_n_steps, checkpoint_every=cfg.checkpoint.every_n_steps,
-                          should_stop=stop.requested, progress=cfg.progress, started_at=started_at)
+                          should_stop=stop.requested, progress=cfg.progress, started_at=started_at,
+                          mistakes=tb.mistakes if tb.images else 0)
         logger.finish(metrics, state.history, state.global_step)
     except TrainingInterrupted:
         log.warning(f"Stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step "
@@ -435,6 +531,12 @@ def train(cfg: DictConfig) -> dict:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None or value < 0 else f"{value:.2%}"
+
+
+def _in_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _fail(message: str) -> None:
@@ -455,6 +557,9 @@ def _run_reporting_errors(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> A
     try:
         return fn(cfg)
     except (ConfigError, DeviceError, DataError, CheckpointError, TrainingDiverged, ModelError) as e:
+        if _in_sweep():  # one job of a sweep: fail this job (the summary reports it), keep the others
+            log.error(f"error: {e}")
+            raise
         _fail(str(e))
     except torch.OutOfMemoryError:
         _fail(f"out of memory on the device with batch_size={cfg.batch_size}; try batch_size={max(cfg.batch_size // 2, 1)}")
@@ -563,6 +668,9 @@ def eval_main() -> None:
     own = [a for a in sys.argv[1:] if a.startswith("-") or a.split("=", 1)[0] in EVAL_KEYS
            or a.startswith(("hydra.", "hydra/"))]
     _TRAINING_OVERRIDES[:] = [a for a in sys.argv[1:] if a not in own]
+    for override in _TRAINING_OVERRIDES:
+        if override.split("=", 1)[0].lstrip("+~").split(".")[0] == "model":
+            _fail(f"{override}: the model is fixed by the checkpoint and cannot be changed here")
     sys.argv[1:] = own
     _eval_app()
 
@@ -644,11 +752,10 @@ def summary_table(args: list[str]) -> str:
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
 
-    from .checkpoint import load_checkpoint
-    from .summary import format_table, summarize
-
     given = [a.split("=", 1)[1] for a in args if a.startswith("checkpoint=")]
     if given:
+        from .checkpoint import load_checkpoint
+
         ckpt = load_checkpoint(find_checkpoint(given[-1], "best.pt"))
         cfg, num_classes = OmegaConf.create(ckpt["config"]), len(ckpt["classes"])
     else:
@@ -656,12 +763,14 @@ def summary_table(args: list[str]) -> str:
             with initialize_config_module(config_module="resnet_train.configs", version_base="1.3"):
                 cfg = compose(config_name="train", overrides=args)
         except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(str(e).strip().splitlines()[0]) from None
+            raise ConfigError(str(e).split("\nConfig search path")[0].strip()) from None
         num_classes = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset.name) or _folder_classes(cfg)
     cfg.model.pretrained = None  # the table needs the shapes, not the weights
     validate(cfg)
     resolve_stem(cfg)
     import torch
+
+    from .summary import format_table, summarize
 
     model = build_model(cfg, num_classes, torch.device("cpu"), pretrained=False)
     image_size = cfg.dataset.image_size
@@ -682,11 +791,15 @@ def summary_main() -> None:
     if {"-h", "--help"} & set(args):
         print(SUMMARY_HELP)
         return
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .models import ModelError
-
     try:
         print(summary_table(args))
-    except (ConfigError, CheckpointError, DataError, ModelError) as e:
+    except ConfigError as e:
+        _fail(str(e))
+    except ValueError as e:  # CheckpointError, DataError, ModelError (their modules are loaded by now)
+        from .checkpoint import CheckpointError
+        from .data import DataError
+        from .models import ModelError
+
+        if not isinstance(e, (CheckpointError, DataError, ModelError)):
+            raise
         _fail(str(e))

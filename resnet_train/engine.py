@@ -44,11 +44,46 @@ class EvalResult:
     images: int
     seconds: float
     confusion: torch.Tensor  # (classes, classes) counts: rows true, columns predicted
+    mistakes: Mistakes | None = None  # the most confident wrong predictions, when asked for
 
     @property
     def per_class_accuracy(self) -> list[float]:
         totals = self.confusion.sum(1).clamp(min=1)
         return (self.confusion.diag() / totals).tolist()
+
+
+@dataclass
+class Mistakes:
+    """The k most confidently wrong predictions of an evaluation, most confident first."""
+
+    images: torch.Tensor  # (k, 3, H, W) as the model saw them (normalized)
+    labels: list[int]
+    predicted: list[int]
+    confidence: list[float]
+
+
+class _MistakeTracker:
+    """Keeps the k most confident wrong predictions on the device, batch by batch (no host sync)."""
+
+    def __init__(self, k: int):
+        self.k, self.conf, self.images, self.labels, self.pred = k, None, None, None, None
+
+    def add(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        conf, pred = logits.float().softmax(1).max(1)
+        conf = torch.where(pred != labels, conf, -1.0)  # right answers never qualify
+        top = conf.topk(min(self.k, len(conf))).indices
+        parts = (conf[top], images[top].float(), labels[top], pred[top])
+        if self.conf is not None:
+            parts = tuple(torch.cat([a, b]) for a, b in zip((self.conf, self.images, self.labels, self.pred), parts))
+        keep = parts[0].topk(min(self.k, len(parts[0]))).indices
+        self.conf, self.images, self.labels, self.pred = (t[keep] for t in parts)
+
+    def result(self) -> Mistakes | None:
+        if self.conf is None:
+            return None
+        wrong = (self.conf >= 0).cpu()
+        return Mistakes(self.images.cpu()[wrong], self.labels.cpu()[wrong].tolist(), self.pred.cpu()[wrong].tolist(),
+                        self.conf.cpu()[wrong].tolist())
 
 
 @dataclass
@@ -168,12 +203,14 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes: int, *,
-             desc: str = "eval", progress: bool | None = None) -> EvalResult:
-    """Mean loss, accuracy and confusion matrix of `model` on every image of `loader`."""
+             mistakes: int = 0, desc: str = "eval", progress: bool | None = None) -> EvalResult:
+    """Mean loss, accuracy and confusion matrix of `model` on every image of `loader` (and its
+    `mistakes` most confidently wrong predictions)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    tracker = _MistakeTracker(mistakes) if mistakes else None
     images, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                disable=None if progress is None else not progress)
@@ -184,6 +221,8 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
         cells = labels * num_classes + logits.argmax(1)
         confusion.scatter_add_(0, cells, torch.ones_like(cells))  # bincount would sync to size its output
         images += len(labels)
+        if tracker is not None:
+            tracker.add(batch, logits, labels)
         if not bar.disable and i % 10 == 0:  # a live readout costs a sync: only for a visible bar
             correct = confusion.view(num_classes, num_classes).diag().sum()
             bar.set_postfix({"loss": f"{loss_sum.item() / images:.4f}", "acc": f"{correct.item() / images:.2%}",
@@ -191,7 +230,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
     confusion = confusion.view(num_classes, num_classes).cpu()
     correct = int(confusion.diag().sum())
     return EvalResult(loss_sum.item() / max(images, 1), correct / max(images, 1), images,
-                      time.perf_counter() - start, confusion)
+                      time.perf_counter() - start, confusion, tracker.result() if tracker else None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,7 +255,10 @@ class RunLogger(Protocol):
     def info(self, message: str) -> None: ...
     def train_step(self, step: int, loss: float, lr: float) -> None: ...
     def epoch(self, step: int, row: dict) -> None: ...
+    def validation(self, step: int, epoch: int, result: EvalResult, model: nn.Module) -> None: ...
+    def test(self, step: int, result: EvalResult) -> None: ...
     def write_metrics(self, metrics: dict, history: list[dict]) -> None: ...
+    def flush(self) -> None: ...
 
 
 class Checkpoints(Protocol):
@@ -229,13 +271,14 @@ def fit(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, schedule
         precision: Precision, scaler: torch.amp.GradScaler, *, epochs: int, state: TrainState,
         logger: RunLogger, checkpoints: Checkpoints, label_smoothing: float = 0.0, log_every: int = 50,
         checkpoint_every: int = 0, should_stop: Callable[[], bool] | None = None,
-        progress: bool | None = None, started_at: float | None = None) -> dict:
+        progress: bool | None = None, started_at: float | None = None, mistakes: int = 0) -> dict:
     """Train from where `state` stands (a fresh run, an epoch end or mid-epoch) to `epochs`; then test
     the best weights. Returns the final metrics (fractions 0..1).
 
     last.pt is written at every epoch end (and every `checkpoint_every` steps), best.pt whenever the
     validation accuracy improves; TensorBoard is flushed before each, so a run killed at any moment
-    resumes with no step logged twice or missing."""
+    resumes with no step logged twice or missing. The final test keeps its `mistakes` most
+    confidently wrong images for the logger."""
     num_classes = len(data.classes)
     wall_before, started_at = state.wall_seconds, started_at or time.time()
 
@@ -268,6 +311,8 @@ def fit(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, schedule
         if is_best:
             state.best_val_accuracy, state.best_epoch = (val.accuracy if val else -1.0), epoch
         state.epoch = epoch
+        if val is not None:
+            logger.validation(state.global_step, epoch, val, model)
         row = {"epoch": epoch, "step": state.global_step, "train_loss": train.loss, "train_accuracy": train.accuracy,
                "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
                "lr": scheduler.get_last_lr()[0], "images_per_second": train.images_per_second,
@@ -283,7 +328,8 @@ def fit(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, schedule
     metrics = summarize(state)
     if data.test is not None and state.epoch > 0:
         checkpoints.load_model_weights("best")
-        test = evaluate(model, data.test, precision, num_classes, desc="test", progress=progress)
+        test = evaluate(model, data.test, precision, num_classes, mistakes=mistakes, desc="test", progress=progress)
+        logger.test(state.global_step, test)
         metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
         logger.info(f"test (best weights, epoch {state.best_epoch}): loss {test.loss:.4f}  "
                     f"accuracy {test.accuracy:.2%} on {test.images:,} images")

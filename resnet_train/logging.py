@@ -8,6 +8,11 @@ training step everywhere, so a resumed run purges whatever a killed one logged a
   epoch, lr, throughput/images_per_second              at each epoch's last step
   metrics/*                                            final metrics, shown in the HPARAMS tab
   config                                               the composed config (TEXT tab)
+With `tensorboard.images` (IMAGES tab):
+  train/augmented_samples                              a grid of augmented training images, at the start
+  val/confusion_matrix, val_class_accuracy/<class>     every `confusion_every_n_epochs` epochs
+  test/confusion_matrix, test/most_confident_mistakes  at the end, with the best weights
+With `tensorboard.histograms_every_n_epochs` (HISTOGRAMS tab): weights/<name>, gradients/<name>.
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import custom_scalars, hparams
+from torchvision.utils import make_grid
 
 from .checkpoint import atomic_write
 
@@ -44,14 +53,79 @@ def _finite_values(row: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
+def denormalize(images: torch.Tensor, mean: list[float] | None, std: list[float] | None) -> torch.Tensor:
+    """Normalized NCHW images back to 0..1 for viewing."""
+    images = images.float().cpu()
+    if mean is not None:
+        images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    return images.clamp(0, 1)
+
+
+def confusion_figure(confusion: torch.Tensor, classes: list[str]):
+    """A labelled confusion-matrix heat map (rows: true class, columns: predicted), row-normalized."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    rates = (confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)).numpy()
+    size = min(4 + 0.45 * n, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    labels = classes if n <= 40 else [""] * n
+    ax.set_xticks(range(n), labels, rotation=90)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
+                        color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def mistakes_figure(images: torch.Tensor, labels: list[int], predicted: list[int], confidence: list[float],
+                    classes: list[str]):
+    """A grid of images titled `true -> predicted (confidence)`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, true, pred, conf in zip(axes.flat, images, labels, predicted, confidence):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(f"{classes[true]} -> {classes[pred]} ({conf:.0%})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class ImageSettings:
+    """What RunLogger draws besides scalars."""
+
+    classes: list[str]
+    mean: list[float] | None
+    std: list[float] | None
+    images: bool = True
+    confusion_every: int = 1  # epochs
+    histograms_every: int = 0  # epochs; 0: never
+
+
 class RunLogger:
     """Console + TensorBoard + metrics.json for one training run."""
 
     def __init__(self, run_dir: Path, config_yaml: str, hparam_values: dict[str, Any], epochs: int,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, settings: ImageSettings | None = None):
         """A new run writes its headers (config, chart layout, hparams); a resumed one (`resume_step`
         = the checkpoint's global step) continues the same event stream, hiding later events."""
         self.run_dir, self.epochs = run_dir, epochs
+        self.settings = settings or ImageSettings([], None, None, images=False)
         if resume_step is not None:
             self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1)
             return
@@ -95,6 +169,35 @@ class RunLogger:
                  f"{row['images_per_second']:,.0f} img/s  {row['epoch_seconds']:.1f}s{'  *best' if row['is_best'] else ''}")
 
     def flush(self) -> None:
+        self.writer.flush()
+
+    def augmented_samples(self, images: torch.Tensor) -> None:
+        """A grid of (normalized, augmented) training images as the model sees them, de-normalized."""
+        if self.settings.images:
+            grid = make_grid(denormalize(images[:64], self.settings.mean, self.settings.std), nrow=8, padding=2)
+            self.writer.add_image("train/augmented_samples", grid, 0)
+
+    def validation(self, step: int, epoch: int, result: Any, model: nn.Module) -> None:
+        s = self.settings
+        if s.images and s.confusion_every and epoch % s.confusion_every == 0:
+            for name, accuracy in zip(s.classes, result.per_class_accuracy):
+                self.writer.add_scalar(f"val_class_accuracy/{name}", accuracy, step)
+            self.writer.add_figure("val/confusion_matrix", confusion_figure(result.confusion, s.classes), step)
+        if s.histograms_every and epoch % s.histograms_every == 0:
+            for name, p in model.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+                if p.grad is not None:
+                    self.writer.add_histogram(f"gradients/{name}", p.grad.float().cpu(), step)
+
+    def test(self, step: int, result: Any) -> None:
+        s = self.settings
+        if not s.images:
+            return
+        self.writer.add_figure("test/confusion_matrix", confusion_figure(result.confusion, s.classes), step)
+        if result.mistakes is not None and len(result.mistakes.images):
+            m = result.mistakes
+            self.writer.add_figure("test/most_confident_mistakes", mistakes_figure(
+                denormalize(m.images, s.mean, s.std), m.labels, m.predicted, m.confidence, s.classes), step)
         self.writer.flush()
 
     def write_metrics(self, metrics: dict, history: list[dict]) -> None:

@@ -8,7 +8,8 @@ import torch
 from conftest import CLASSES
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-FAST = ["model=resnet20", "epochs=2", "batch_size=32", "log_every_n_steps=5", "num_workers=0"]
+# Image summaries (matplotlib) are tested in test_sweep.py; elsewhere they only cost time.
+FAST = ["model=resnet20", "epochs=2", "batch_size=32", "log_every_n_steps=5", "num_workers=0", "tensorboard.images=false"]
 METRIC_KEYS = {"epochs", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
                "best_epoch", "best_val_accuracy", "images_per_second", "wall_seconds", "history"}
 
@@ -123,14 +124,19 @@ def test_image_folder_end_to_end(image_folder_root, run_cli, tmp_path):
     assert json.loads((run_dir / "eval.json").read_text())["accuracy"] == pytest.approx(metrics["test_accuracy"])
 
 
-def test_same_seed_gives_the_same_loss_curve(cifar_root, run_cli, tmp_path):
-    def curve(name: str, seed: int) -> list[float]:
-        result = run_cli("resnet-train", *FAST, "epochs=1", f"seed={seed}", "dataset.val_size=100",
-                         f"dataset.root={cifar_root}", f"hydra.run.dir={tmp_path / name}")
+def test_same_seed_gives_the_same_loss_curve(cifar_run, cifar_root, run_cli, tmp_path):
+    reference, _ = cifar_run  # seed 0 (the default)
+
+    def curve(run_dir: Path) -> list[float]:
+        return [e.value for e in events(run_dir).Scalars("train/loss")]
+
+    def run(name: str, seed: int) -> Path:
+        result = run_cli("resnet-train", *FAST, f"seed={seed}", "dataset.val_size=100", f"dataset.root={cifar_root}",
+                         f"hydra.run.dir={tmp_path / name}")
         assert_ok(result)
-        return [e.value for e in events(tmp_path / name).Scalars("train/loss")]
-    first, again, other = curve("a", 3), curve("b", 3), curve("c", 4)
-    assert len(first) == 6 and first == again and first != other  # 28 steps: logged at 5, 10, ..., 25 and 28
+        return tmp_path / name
+    again, other = curve(run("again", 0)), curve(run("other", 3))
+    assert len(again) == 12 and again == curve(reference) and again != other  # 2 x 28 steps, logged every 5 + ends
 
 
 def test_val_size_zero_validates_on_the_test_split(cifar_root, run_cli, tmp_path):

@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUN = ["model=resnet20", "epochs=3", "batch_size=32", "log_every_n_steps=4", "num_workers=0", "seed=1",
-       "dataset.val_size=100", "checkpoint.every_n_steps=10"]
+       "dataset.val_size=100", "checkpoint.every_n_steps=10", "tensorboard.images=false"]
 
 
 def env(fake_md5_dir) -> dict:
@@ -114,9 +114,10 @@ def test_graceful_stop_saves_and_says_how_to_resume(reference_run, cifar_root, f
     assert f"resnet-train resume={run_dir}" in output and "Traceback" not in output
     state = last_state(run_dir)
     assert state["epoch_progress"] is not None or state["epoch"] == 3
-    result = resume(fake_md5_dir, run_dir)
-    assert result.returncode == 0, result.stderr
-    assert_same_final_state(reference_run, run_dir)
+    if sig == signal.SIGTERM:  # (resuming after SIGKILL is tested above; once more here is enough)
+        result = resume(fake_md5_dir, run_dir)
+        assert result.returncode == 0, result.stderr
+        assert_same_final_state(reference_run, run_dir)
 
 
 def test_resume_latest_with_more_epochs(cifar_root, fake_md5_dir, tmp_path):
@@ -155,7 +156,6 @@ def test_resume_refuses_changes_to_the_run(reference_run, fake_md5_dir, tmp_path
 @pytest.mark.parametrize("damage,message", [
     ("missing", "no checkpoint at"),
     ("truncated", "not a readable checkpoint"),
-    ("garbage", "not a readable checkpoint"),
     ("not_ours", "not a resnet-train checkpoint"),
     ("other_model", "do not fit this model"),
     ("other_classes", "do not fit this model"),
@@ -170,8 +170,6 @@ def test_bad_checkpoints_are_refused_and_nothing_is_overwritten(reference_run, r
         (run_dir / "checkpoints" / "best.pt").unlink()
     elif damage == "truncated":
         last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    elif damage == "garbage":
-        last.write_bytes(b"not a checkpoint at all")
     elif damage == "not_ours":
         torch.save({"weights": torch.zeros(3)}, last)
     else:

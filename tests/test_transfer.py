@@ -112,7 +112,7 @@ def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, cifar_r
     path, state = torchvision_weights
     run_dir = tmp_path / "probe"
     result = run_cli("resnet-train", "model=resnet18", f"model.pretrained={path}", "model.stem=imagenet",
-                     "model.freeze=backbone", "epochs=1", "batch_size=64", "dataset.val_size=100",
+                     "model.freeze=backbone", "epochs=1", "batch_size=64", "dataset.val_size=100", "tensorboard.images=false",
                      f"dataset.root={cifar_root}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert "5,130 trainable (model.freeze=backbone)" in result.stdout
@@ -142,7 +142,7 @@ def folder_run(tmp_path_factory, fake_md5_dir):
     run_dir = root.parent / "run"
     result = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), "model=resnet20", "epochs=2",
                              "batch_size=32", "optim.lr=0.05", "dataset=image_folder", f"dataset.root={root}",
-                             "dataset.val_size=0.2", "num_workers=0", f"hydra.run.dir={run_dir}"],
+                             "dataset.val_size=0.2", "num_workers=0", "tensorboard.images=false", f"hydra.run.dir={run_dir}"],
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return root, run_dir
