@@ -266,9 +266,15 @@ class CheckBeforeRun(Callback):
         except (ConfigError, ValueError) as e:  # ValueError: DeviceError
             _fail(str(e))
         run_dir = Path(config.hydra.run.dir)
-        if not task_cfg.resume and (run_dir / "checkpoints").exists():
-            _fail(f"{run_dir} already holds a run (its checkpoints/ exists); pick a new hydra.run.dir "
-                  f"so earlier results are not overwritten, or continue it with resume={run_dir}")
+        if task_cfg.resume:
+            return
+        try:  # claim the run dir atomically: two runs started in the same second cannot share it
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            if any(run_dir.iterdir()):
+                _fail(f"{run_dir} already holds a run; pick a new hydra.run.dir so earlier results are not "
+                      f"overwritten" + (f", or continue it with resume={run_dir}"
+                                        if (run_dir / "checkpoints").exists() else ""))
 
 
 class SweepSummary(Callback):

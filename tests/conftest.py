@@ -116,6 +116,15 @@ def fake_md5(monkeypatch):
     monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
 
 
+def subprocess_env(fake_md5_dir: Path | None = None) -> dict:
+    """The environment for the console scripts under test: CPU only, one thread each (pytest-xdist
+    runs two tests at a time on the 2 cores), and the CIFAR md5 bypass when given."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    if fake_md5_dir is not None:
+        env["PYTHONPATH"] = str(fake_md5_dir)
+    return env
+
+
 def script(name: str) -> str:
     """The installed console script next to this interpreter."""
     path = Path(sys.executable).parent / name
@@ -127,10 +136,8 @@ def script(name: str) -> str:
 def run_cli(fake_md5_dir, tmp_path):
     """Run a console script in a subprocess, offline, from a scratch directory."""
     def run(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": str(fake_md5_dir), "CUDA_VISIBLE_DEVICES": "",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-        return subprocess.run([script(name), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run([script(name), *args], cwd=tmp_path, env=subprocess_env(fake_md5_dir),
+                              capture_output=True, text=True, timeout=timeout)
     return run
 
 

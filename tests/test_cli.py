@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES
+from conftest import CLASSES, subprocess_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # Image summaries (matplotlib) are tested in test_sweep.py; elsewhere they only cost time.
@@ -27,11 +27,10 @@ def assert_ok(result):
 @pytest.fixture(scope="module")
 def cifar_run(cifar_root, fake_md5_dir, tmp_path_factory):
     """One 2-epoch resnet20 run on generated CIFAR-10 batches, shared by the tests that inspect it."""
-    import os
     import subprocess
     import sys
     run_dir = tmp_path_factory.mktemp("runs") / "cifar"
-    env = {**os.environ, "PYTHONPATH": str(fake_md5_dir), "CUDA_VISIBLE_DEVICES": ""}
+    env = subprocess_env(fake_md5_dir)
     result = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), *FAST, "dataset.val_size=100",
                              f"dataset.root={cifar_root}", f"hydra.run.dir={run_dir}"],
                             env=env, capture_output=True, text=True, timeout=300)

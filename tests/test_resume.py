@@ -2,7 +2,6 @@
 TensorBoard continues without duplicates, and bad checkpoints never damage a run dir."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUN = ["model=resnet20", "epochs=3", "batch_size=32", "log_every_n_steps=4", "num_workers=0", "seed=1",
@@ -19,7 +19,7 @@ RUN = ["model=resnet20", "epochs=3", "batch_size=32", "log_every_n_steps=4", "nu
 
 
 def env(fake_md5_dir) -> dict:
-    return {**os.environ, "PYTHONPATH": str(fake_md5_dir), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess_env(fake_md5_dir)
 
 
 def train_cmd(*args) -> list[str]:

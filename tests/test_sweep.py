@@ -2,12 +2,12 @@
 
 import csv
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -18,7 +18,7 @@ BASE = ["model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=100", "
 def sweep(fake_md5_dir, cifar_root, sweep_dir, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "resnet-train"), "-m", *BASE,
                            f"dataset.root={cifar_root}", f"hydra.sweep.dir={sweep_dir}", *args],
-                          env={**os.environ, "PYTHONPATH": str(fake_md5_dir), "CUDA_VISIBLE_DEVICES": ""},
+                          env=subprocess_env(fake_md5_dir),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -98,7 +98,7 @@ def test_optuna_search(cifar_root, fake_md5_dir, tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), "hparams_search=optuna", *BASE,
                              "tensorboard.images=false", f"dataset.root={cifar_root}",
                              f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.n_trials=2"],
-                            env={**os.environ, "PYTHONPATH": str(fake_md5_dir), "CUDA_VISIBLE_DEVICES": ""},
+                            env=subprocess_env(fake_md5_dir),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import write_image_folder
+from conftest import subprocess_env, write_image_folder
 
 from resnet_train import models
 from resnet_train.models import ARCHITECTURES, ModelError
@@ -135,7 +135,6 @@ def test_pretrained_config_errors_before_any_work(run_cli, tmp_path):
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory, fake_md5_dir):
-    import os
     import subprocess
     import sys
     root = write_image_folder(tmp_path_factory.mktemp("pets"), {"train": 300, "test": 120}, num_classes=4)
@@ -143,7 +142,7 @@ def folder_run(tmp_path_factory, fake_md5_dir):
     result = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), "model=resnet20", "epochs=2",
                              "batch_size=32", "optim.lr=0.05", "dataset=image_folder", f"dataset.root={root}",
                              "dataset.val_size=0.2", "num_workers=0", "tensorboard.images=false", f"hydra.run.dir={run_dir}"],
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
+                            env=subprocess_env(fake_md5_dir), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return root, run_dir
 
