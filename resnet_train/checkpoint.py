@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .engine import TrainState
 
 REQUIRED_KEYS = ("model", "config", "classes")
@@ -95,9 +96,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile and DistributedDataParallel wrappers (whose state-dict names
+    carry prefixes)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def load_model_state(model: nn.Module, state: dict, source: str) -> None:
     """Load weights, turning a shape or name mismatch into one line naming the first difference."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -148,11 +159,12 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 class RunCheckpoints:
-    """`last.pt` and `best.pt` of one run: everything needed to evaluate, predict or resume."""
+    """`last.pt` and `best.pt` of one run: everything needed to evaluate, predict or resume. With
+    several processes only the first writes (`writer=True`); all read."""
 
     def __init__(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, scaler: torch.amp.GradScaler, metadata: dict):
-        self.directory = directory
+                 scheduler: Any, scaler: torch.amp.GradScaler, metadata: dict, writer: bool = True):
+        self.directory, self.writer = directory, writer
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.metadata = metadata  # config, classes, normalization, precision
 
@@ -160,8 +172,10 @@ class RunCheckpoints:
         return self.directory / f"{name}.pt"
 
     def save_last(self, state: TrainState) -> None:
+        if not self.writer:
+            return
         atomic_save({
-            "model": getattr(self.model, "_orig_mod", self.model).state_dict(),
+            "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -171,7 +185,9 @@ class RunCheckpoints:
         }, self.path("last"))
 
     def copy_last_to_best(self) -> None:
-        atomic_copy(self.path("last"), self.path("best"))
+        if self.writer:
+            atomic_copy(self.path("last"), self.path("best"))
 
     def load_model_weights(self, name: str) -> None:
+        distributed.barrier()  # the first process has written it
         load_model_state(self.model, load_checkpoint(self.path(name))["model"], str(self.path(name)))

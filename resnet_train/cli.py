@@ -78,6 +78,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.zero_init_residual": (lambda v: isinstance(v, bool), "true or false"),
     "model.pretrained": (lambda v: v is None or (isinstance(v, str) and v != ""), "null, imagenet or a file path"),
+    "model.sync_bn": (lambda v: isinstance(v, bool), "true or false"),
     "model.freeze": (lambda v: v in ("none", "backbone", "stem", "layer1", "layer2", "layer3", "layer4"),
                      "none, backbone, stem or layer1..layer4"),
     "optim.backbone_lr_scale": (lambda v: _is_number(v) and v > 0, "a positive number"),
@@ -182,22 +183,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-def pick_device_and_precision(cfg: DictConfig) -> tuple[torch.device, Precision]:
+def pick_device_and_precision(cfg: DictConfig, local_rank: int = 0) -> tuple[torch.device, Precision]:
+    """With several processes on a machine (`local_rank`), device=auto|cuda means each its own GPU."""
     from . import device as devices
 
     device = devices.pick_device(cfg.device)
+    if device.type == "cuda" and local_rank and cfg.device in ("auto", "cuda"):
+        device = devices.pick_device(f"cuda:{local_rank % devices.cuda_device_count()}")
     precision = devices.Precision(devices.pick_precision(cfg.precision, device), device.type)
     return device, precision
 
 
-def load_data(cfg: DictConfig, device: torch.device, **overrides) -> Data:
-    from .data import build_data
+def load_data(cfg: DictConfig, device: torch.device, shard: Any = None, **overrides) -> Data:
+    from .data import Shard, build_data
 
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.update(overrides)
     return build_data(
         **dataset, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-        device=device, seed=cfg.seed, num_workers=cfg.num_workers, channels_last=cfg.channels_last, log=log.info)
+        device=device, seed=cfg.seed, num_workers=cfg.num_workers, channels_last=cfg.channels_last,
+        shard=shard or Shard(), log=log.info)
 
 
 def build_model(cfg: DictConfig, num_classes: int, device: torch.device, pretrained: bool = True) -> torch.nn.Module:
@@ -206,7 +211,7 @@ def build_model(cfg: DictConfig, num_classes: int, device: torch.device, pretrai
     import torch
 
     extra = {} if pretrained else {"pretrained": None}
-    model = instantiate(cfg.model, num_classes=num_classes, **extra)
+    model = instantiate(_without(cfg.model, "sync_bn"), num_classes=num_classes, **extra)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return model.to(device, memory_format=memory_format)
 
@@ -278,67 +283,80 @@ class CheckBeforeRun(Callback):
 
 
 class SweepSummary(Callback):
-    """After each job of a sweep (`-m`): <sweep dir>/summary.csv with one row per job, best
-    validation accuracy first (failed jobs last, with their error); after the last job the same
-    table is printed as markdown."""
+    """After each job of a sweep (`-m`): the job's status goes to <job dir>/job_status.json and
+    <sweep dir>/summary.csv is rebuilt from all of them (best validation accuracy first, failed
+    jobs last with their error); after the last job the table is printed as markdown. Built from
+    files, so it also works when jobs run elsewhere (e.g. on SLURM through the submitit launcher)."""
 
     COLUMNS = ("job", "overrides", "status", "best_val_accuracy", "test_accuracy", "best_epoch", "epochs",
                "wall_seconds", "error", "job_dir")
 
     def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self.swept: set[str] = set()
-        self.expected: int | None = None
         self.printed = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.rows, self.printed = [], False
-        self.swept, self.expected = _swept_keys(config)
+        from .logging import write_json
+
+        swept, jobs = _swept_keys(config)
+        write_json(Path(config.hydra.sweep.dir) / "sweep.json", {"swept": sorted(swept), "jobs": jobs})
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
-        if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
+        from . import distributed
+        from .logging import write_json
+
+        if str(config.hydra.mode) != "RunMode.MULTIRUN" or not distributed.from_environment().is_main:
             return
-        job_dir = Path(config.hydra.runtime.output_dir)
-        metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        sweep_dir, job_dir = Path(config.hydra.sweep.dir), Path(config.hydra.runtime.output_dir)
+        info = _read_json(sweep_dir / "sweep.json")
+        metrics = _read_json(job_dir / "metrics.json")
         failed = job_return.status != JobStatus.COMPLETED
         error = getattr(job_return, "_return_value", None) if failed else None
-        swept = [o for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in self.swept]
-        self.rows.append({
+        swept = [o for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in info.get("swept", [])]
+        write_json(job_dir / "job_status.json", {
             "job": config.hydra.job.num, "overrides": ",".join(swept) or config.hydra.job.override_dirname,
-            "job_dir": str(job_dir.relative_to(Path(config.hydra.sweep.dir))) if job_dir != Path(config.hydra.sweep.dir) else ".",
             "status": "failed" if failed else "ok",
             **{k: metrics.get(k) for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs", "wall_seconds")},
             "error": (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if failed else "",
+            "job_dir": str(job_dir.relative_to(sweep_dir)) if job_dir != sweep_dir else ".",
         })
-        self.rows.sort(key=lambda r: (r["status"] != "ok", -(r["best_val_accuracy"] or -1)))
-        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = self._write_summary(sweep_dir)
+        if info.get("jobs") and len(rows) >= info["jobs"]:
+            self._print(sweep_dir, rows)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        rows = self._write_summary(Path(config.hydra.sweep.dir))
+        if rows and not self.printed:
+            self._print(Path(config.hydra.sweep.dir), rows)
+
+    def _write_summary(self, sweep_dir: Path) -> list[dict]:
+        from .checkpoint import atomic_write
+
+        rows = [_read_json(p) for p in sweep_dir.glob("**/job_status.json")]
+        rows.sort(key=lambda r: (r["status"] != "ok", -(r["best_val_accuracy"] or -1), r["job"]))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=self.COLUMNS)
         writer.writeheader()
-        writer.writerows(self.rows)
-        from .checkpoint import atomic_write
+        writer.writerows(rows)
+        if rows:
+            atomic_write(sweep_dir / "summary.csv", lambda f: f.write(text.getvalue().encode()))
+        return rows
 
-        atomic_write(sweep_dir / "summary.csv", lambda f: f.write(text.getvalue().encode()))
-        if self.expected is not None and len(self.rows) >= self.expected:
-            self._print(sweep_dir)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.rows and not self.printed:
-            self._print(Path(config.hydra.sweep.dir))
-
-    def _print(self, sweep_dir: Path) -> None:
+    def _print(self, sweep_dir: Path, rows: list[dict]) -> None:
         self.printed = True
         pct = lambda v: "" if v is None else f"{v:.2%}"  # noqa: E731
         lines = ["| overrides | best val acc | test acc | best epoch | wall time | status |", "|---|---:|---:|---:|---:|---|"]
-        for r in self.rows:
+        for r in rows:
             wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}s"
             status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
             lines.append(f"| {r['overrides']} | {pct(r['best_val_accuracy'])} | {pct(r['test_accuracy'])} | "
                          f"{r['best_epoch'] or ''} | {wall} | {status} |")
         print(f"\nSweep summary ({sweep_dir / 'summary.csv'}):\n" + "\n".join(lines), flush=True)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _swept_keys(config: DictConfig) -> tuple[set[str], int | None]:
@@ -455,12 +473,21 @@ def train(cfg: DictConfig) -> dict:
     import torch
 
     from . import device as devices
+    from . import distributed
     from .checkpoint import RunCheckpoints, load_checkpoint, restore_training
+    from .data import Shard
     from .engine import TrainingInterrupted, TrainState, fit
-    from .logging import ImageSettings, RunLogger
+    from .logging import ImageSettings, RunLogger, SilentLogger
 
     started_at = time.time()
     validate(cfg)
+    world = distributed.from_environment()
+    distributed.init_process_group(world)  # torchrun joined before Hydra; SLURM/submitit tasks join here
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
+    if cfg.batch_size % world.world_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) does not split evenly over "
+                          f"{world.world_size} processes; use a multiple of {world.world_size}")
     ckpt = None
     if cfg.resume:
         resume_from = cfg.resume
@@ -470,14 +497,18 @@ def train(cfg: DictConfig) -> dict:
         cfg.resume = resume_from
         validate(cfg)
     resolve_stem(cfg)
-    device, precision = pick_device_and_precision(cfg)
+    device, precision = pick_device_and_precision(cfg, world.local_rank)
+    if cfg.model.sync_bn and world.enabled and device.type != "cuda":
+        raise ConfigError("model.sync_bn=true needs CUDA GPUs (SyncBatchNorm runs on GPUs only)")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info(f"Run dir: {run_dir}")
     log.info(f"Device: {devices.describe(device)}, precision {precision.name}"
-             f"{' (autocast)' if precision.dtype else ''}, channels_last={cfg.channels_last}")
+             f"{' (autocast)' if precision.dtype else ''}, channels_last={cfg.channels_last}"
+             + (f"; {world.world_size} processes (DistributedDataParallel), global batch {cfg.batch_size}"
+                if world.enabled else ""))
     seed_everything(cfg.seed)
 
-    data = load_data(cfg, device)
+    data = load_data(cfg, device, shard=Shard(world.rank, world.world_size))
     log.info(f"Data: {cfg.dataset.name}, {data.train.num_images:,} training images in {data.storage}, "
              f"{len(data.classes)} classes; validation on {data.val_source}")
     model = build_model(cfg, len(data.classes), device, pretrained=ckpt is None)
@@ -496,6 +527,11 @@ def train(cfg: DictConfig) -> dict:
                               f"(N > {state.epoch}) to train longer")
         log.info(f"Resuming from {cfg.resume}: epoch {state.epoch + 1}, "
                  f"step {state.global_step} (best val accuracy so far {_pct(state.best_val_accuracy)})")
+    if world.enabled:
+        if cfg.model.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -505,24 +541,27 @@ def train(cfg: DictConfig) -> dict:
     logger = RunLogger(run_dir, OmegaConf.to_yaml(stored_cfg), hparam_values(cfg, precision.name), cfg.epochs,
                        resume_step=state.global_step if ckpt is not None else None,
                        settings=ImageSettings(data.classes, data.mean, data.std, tb.images,
-                                              tb.confusion_every_n_epochs, tb.histograms_every_n_epochs))
-    if ckpt is None and tb.images:
+                                              tb.confusion_every_n_epochs, tb.histograms_every_n_epochs)
+                       ) if world.is_main else SilentLogger()
+    if ckpt is None and tb.images and world.is_main:
         data.train.set_epoch(0)  # epoch 0 is never trained: drawing its first batch changes nothing
         logger.augmented_samples(next(iter(data.train))[0])
     checkpoints = RunCheckpoints(run_dir / "checkpoints", model, optimizer, scheduler, scaler, {
         "config": stored_cfg, "classes": data.classes, "precision": precision.name,
         "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
                           "stored_size": data.stored_size},
-    })
+    }, writer=world.is_main)
     try:
         with GracefulStop() as stop:
             metrics = fit(model, data, optimizer, scheduler, precision, scaler, epochs=cfg.epochs, state=state,
                           logger=logger, checkpoints=checkpoints, label_smoothing=cfg.label_smoothing,
                           log_every=cfg.log_every_n_steps, checkpoint_every=cfg.checkpoint.every_n_steps,
-                          should_stop=stop.requested, progress=cfg.progress, started_at=started_at,
+                          should_stop=distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
+                          progress=cfg.progress if world.is_main else False, started_at=started_at,
                           mistakes=tb.mistakes if tb.images else 0)
         logger.finish(metrics, state.history, state.global_step)
     except TrainingInterrupted:
+        stop.signum = stop.signum or signal.SIGTERM  # another process received it
         log.warning(f"Stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step "
                     f"{state.global_step}; saved {checkpoints.path('last')}. Resume with:\n"
                     f"  resnet-train resume={run_dir}")
@@ -581,9 +620,26 @@ def _train_app(cfg: DictConfig) -> float | None:
 
 
 def train_main() -> None:
-    """The `resnet-train` console script."""
-    sys.argv[1:] = resume_arguments(sys.argv[1:])
+    """The `resnet-train` console script (also under torchrun: one process per GPU)."""
+    args = resume_arguments(sys.argv[1:])
+    from . import distributed
+
+    world = distributed.from_environment()
+    if world.enabled and os.environ.get("WORLD_SIZE"):  # torchrun: agree on one run dir before Hydra makes one
+        distributed.init_process_group(world)
+        args = distributed_arguments(args, world, distributed.broadcast_from_main(time.strftime("%Y-%m-%d/%H-%M-%S")))
+    sys.argv[1:] = args
     _train_app()
+
+
+def distributed_arguments(args: list[str], world: Any, stamp: str) -> list[str]:
+    """Every process uses the first one's run dir (its time stamp, see train.yaml's hydra.run.dir);
+    only the first writes the .hydra/ record and train.log, and checks the run dir."""
+    os.environ["RESNET_TRAIN_RUN_STAMP"] = stamp
+    if world.is_main:
+        return args
+    return [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled",
+            "hydra.callbacks.check_before_run.enabled=false"]
 
 
 # --------------------------------------------------------------------------------------------

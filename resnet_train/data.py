@@ -76,9 +76,15 @@ class BatchTransform:
         if self.augments:
             draw_augmentation(batch_size, self.crop_padding, self.hflip, generator)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 draws: int | None = None, keep: slice | None = None) -> torch.Tensor:
+        """Augment (with `generator`), resize and normalize. Under data parallelism each process gets
+        one slice of a global batch: `draws` random draws are made for the whole global batch and
+        the `keep` slice of them applies to `images`, so every image is augmented as in one process."""
         if generator is not None and self.augments:
-            offsets, flips = draw_augmentation(len(images), self.crop_padding, self.hflip, generator)
+            offsets, flips = draw_augmentation(draws or len(images), self.crop_padding, self.hflip, generator)
+            if keep is not None:
+                offsets, flips = offsets[keep], flips[keep]
             images = crop_flip(images, self.crop_padding, offsets, flips)
         x = images.permute(0, 3, 1, 2).float()  # NCHW view with channels_last strides
         if self.output_size is not None and x.shape[-1] != self.output_size:
@@ -108,19 +114,37 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of the data when `world_size` processes train one model: of each global
+    training batch the `rank`-th slice, of evaluation data every `world_size`-th image."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def batch_slice(self, batch_size: int) -> slice:
+        return slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+
+    def eval_indices(self, n: int) -> range:
+        return range(self.rank, n, self.world_size)
+
+
 class MemoryLoader:
-    """Batches sliced from uint8 NHWC images held on the training device."""
+    """Batches sliced from uint8 NHWC images held on the training device. `batch_size` is per
+    process; with a `shard` the epoch's order and augmentation are those of the global batch."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform: BatchTransform,
-                 train: bool, seed: int = 0):
+                 train: bool, seed: int = 0, shard: Shard = Shard()):
         self.images, self.labels = images, labels
-        self.batch_size, self.transform, self.train, self.seed = batch_size, transform, train, seed
+        self.batch_size, self.transform, self.train, self.seed, self.shard = batch_size, transform, train, seed, shard
         self.epoch, self.skip = 0, 0
+        self.eval_order = None if train else torch.tensor(shard.eval_indices(len(labels)), device=images.device)
 
     def __len__(self) -> int:
         """Batches in a whole epoch (also when this one starts after `skip` batches)."""
-        n = len(self.labels)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        if self.train:
+            return len(self.labels) // (self.batch_size * self.shard.world_size)
+        return math.ceil(len(self.eval_order) / self.batch_size)
 
     @property
     def num_images(self) -> int:
@@ -132,16 +156,21 @@ class MemoryLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         device = self.images.device
-        if self.train:  # shuffled, full batches only (BatchNorm dislikes a batch of 1)
-            g = epoch_generator(self.seed, self.epoch, device)
-            order = torch.randperm(len(self.labels), generator=g, device=device)
-            for _ in range(self.skip):
-                self.transform.skip(self.batch_size, g)
-        else:
-            g, order = None, torch.arange(len(self.labels), device=device)
-        for i in range(self.skip if self.train else 0, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.transform(self.images[idx], g), self.labels[idx]
+        if not self.train:
+            for i in range(len(self)):
+                idx = self.eval_order[i * self.batch_size:(i + 1) * self.batch_size]
+                yield self.transform(self.images[idx]), self.labels[idx]
+            return
+        # shuffled, full batches only (BatchNorm dislikes a batch of 1)
+        global_batch = self.batch_size * self.shard.world_size
+        mine = self.shard.batch_slice(self.batch_size)
+        g = epoch_generator(self.seed, self.epoch, device)
+        order = torch.randperm(len(self.labels), generator=g, device=device)
+        for _ in range(self.skip):
+            self.transform.skip(global_batch, g)
+        for i in range(self.skip, len(self)):
+            idx = order[i * global_batch:(i + 1) * global_batch][mine]
+            yield self.transform(self.images[idx], g, draws=global_batch, keep=mine), self.labels[idx]
 
 
 class _DecodedFiles(torch.utils.data.Dataset):
@@ -159,19 +188,25 @@ class _DecodedFiles(torch.utils.data.Dataset):
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """Indices of one epoch: a permutation seeded by (seed, epoch), from position `start` on."""
+    """This process's indices of one epoch: for training its slice of each global batch of a
+    permutation seeded by (seed, epoch), from global batch `start` on; for evaluation its shard."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle, self.epoch, self.start = n, seed, shuffle, 0, 0
+    def __init__(self, n: int, seed: int, train: bool, batch_size: int, shard: Shard):
+        self.n, self.seed, self.train, self.batch_size, self.shard = n, seed, train, batch_size, shard
+        self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
-        return self.n - self.start
+        if not self.train:
+            return len(self.shard.eval_indices(self.n))
+        return (self.n // (self.batch_size * self.shard.world_size) - self.start) * self.batch_size
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
+        if not self.train:
+            return iter(self.shard.eval_indices(self.n))
         order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu")))
-        return iter(order[self.start:].tolist())
+        global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
+        batches = order[:self.n // global_batch * global_batch].view(-1, global_batch)[self.start:, mine]
+        return iter(batches.reshape(-1).tolist())
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -183,10 +218,10 @@ class StreamLoader:
     """Image files decoded by DataLoader workers; augmentation still runs per batch on the device."""
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int, batch_size: int, transform: BatchTransform,
-                 train: bool, device: torch.device, seed: int = 0, num_workers: int = 2):
-        self.transform, self.train, self.device, self.seed = transform, train, device, seed
+                 train: bool, device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard()):
+        self.transform, self.train, self.device, self.seed, self.shard = transform, train, device, seed, shard
         self.batch_size, self.epoch, self.skip = batch_size, 0, 0
-        self.sampler = _EpochSampler(len(samples), seed, shuffle=train)
+        self.sampler = _EpochSampler(len(samples), seed, train, batch_size, shard)
         self.loader = torch.utils.data.DataLoader(
             _DecodedFiles(samples, image_size), batch_size=batch_size, sampler=self.sampler, drop_last=train,
             num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
@@ -195,22 +230,24 @@ class StreamLoader:
 
     def __len__(self) -> int:
         """Batches in a whole epoch (also when this one starts after `skip` batches)."""
-        n = self.num_images
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        if self.train:
+            return self.num_images // (self.batch_size * self.shard.world_size)
+        return math.ceil(len(self.shard.eval_indices(self.num_images)) / self.batch_size)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Order and augmentation of `epoch`; start after its first `skip` batches (mid-epoch resume)."""
         self.epoch = self.sampler.epoch = epoch
-        self.skip = skip if self.train else 0
-        self.sampler.start = self.skip * self.batch_size
+        self.skip = self.sampler.start = skip if self.train else 0
 
     def __iter__(self) -> Iterator[Batch]:
         g = epoch_generator(self.seed, self.epoch, self.device) if self.train else None
+        global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
         for _ in range(self.skip):
-            self.transform.skip(self.batch_size, g)
+            self.transform.skip(global_batch, g)
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
-            yield self.transform(images, g), labels.to(self.device, non_blocking=True)
+            yield (self.transform(images, g, draws=global_batch, keep=mine),
+                   labels.to(self.device, non_blocking=True))
 
 
 Loader = MemoryLoader | StreamLoader
@@ -387,8 +424,9 @@ def resolve_val_size(val_size: int | float, n_train: int) -> int:
 def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
                normalize: bool, augment: dict, val_size: int | float, split_seed: int, download: bool = True,
                loader: str = "memory", batch_size: int, eval_batch_size: int, device: torch.device, seed: int,
-               num_workers: int, channels_last: bool, log=print) -> Data:
-    """Read the dataset, split off validation images and wrap each split in a loader."""
+               num_workers: int, channels_last: bool, shard: Shard = Shard(), log=print) -> Data:
+    """Read the dataset, split off validation images and wrap each split in a loader. With a
+    `shard`, `batch_size` is the global batch: each of the shard's processes gets an equal part."""
     root_path = Path(root).expanduser()
     if name in CIFAR:
         train, test, classes = load_cifar(name, root_path, download)
@@ -443,10 +481,11 @@ def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] |
         transform = BatchTransform(mean, std, augment.get("crop_padding", 0) if train_mode else 0,
                                    augment.get("hflip", False) and train_mode,
                                    image_size if image_size != stored_size else None, channels_last)
-        bs = batch_size if train_mode else eval_batch_size
+        bs = (batch_size if train_mode else eval_batch_size) // shard.world_size or 1  # per process
         if storage == "memory":
-            return MemoryLoader(split.images.to(device), split.labels.to(device), bs, transform, train_mode, seed)
-        return StreamLoader(split.samples, image_size, bs, transform, train_mode, device, seed, num_workers)
+            return MemoryLoader(split.images.to(device), split.labels.to(device), bs, transform, train_mode, seed,
+                                shard)
+        return StreamLoader(split.samples, image_size, bs, transform, train_mode, device, seed, num_workers, shard)
 
     test_loader = make(test, False)
     val_loader = test_loader if val is test else make(val, False)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import Data, Loader
 from .device import Precision
 from .optim import Scheduler
@@ -112,8 +113,11 @@ class _Meter:
     host sync."""
 
     def __init__(self, device: torch.device, start: EpochProgress):
-        self.state = torch.tensor([start.loss_sum, start.correct, -1.0], device=device, dtype=torch.float64)
-        self.images = start.images
+        # A resumed epoch's sums are global ones: with several processes only the first carries them.
+        carries = not distributed.active() or torch.distributed.get_rank() == 0
+        sums = [start.loss_sum, start.correct] if carries else [0.0, 0.0]
+        self.state = torch.tensor([*sums, -1.0], device=device, dtype=torch.float64)
+        self.images = start.images  # this process's images (the same count on every process)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         n = len(labels)
@@ -123,9 +127,18 @@ class _Meter:
         self.images += n
 
     def read(self) -> tuple[float, float, int | None]:
-        """Loss sum, correct count, and the first step whose loss was NaN/inf (None if none)."""
-        loss_sum, correct, bad_step = self.state.tolist()
+        """Loss sum, correct count, and the first step whose loss was NaN/inf (None if none); with
+        several processes, over all of them (`images` then counts every process's images too)."""
+        if not distributed.active():
+            loss_sum, correct, bad_step = self.state.tolist()
+            return loss_sum, correct, None if bad_step < 0 else int(bad_step)
+        sums, bad = distributed.all_reduce(self.state[:2].clone()), distributed.all_reduce(self.state[2:].clone(), "max")
+        (loss_sum, correct), (bad_step,) = sums.tolist(), bad.tolist()
         return loss_sum, correct, None if bad_step < 0 else int(bad_step)
+
+    @property
+    def total_images(self) -> int:
+        return self.images * (torch.distributed.get_world_size() if distributed.active() else 1)
 
 
 StepLogger = Callable[[int, float, float], None]  # (global step, mean loss since last call, lr)
@@ -160,6 +173,8 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         return loss_sum, correct
 
     def snapshot(step: int) -> EpochProgress:
+        """The epoch so far, as a checkpoint keeps it. With several processes every rank's sums
+        are the same global ones, so the first process's snapshot serves all on resume."""
         loss_sum, correct = read_finite()
         return EpochProgress(step, loss_sum, correct, meter.images, logged_sum, logged_images,
                              time.perf_counter() - clock)
@@ -182,14 +197,15 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
             bar.update(1)
             if i % log_every == 0 or i == len(loader):
                 loss_sum, correct = read_finite()
-                window_loss = (loss_sum - logged_sum) / (meter.images - logged_images)
+                images_so_far = meter.total_images
+                window_loss = (loss_sum - logged_sum) / (images_so_far - logged_images)
                 lr = scheduler.get_last_lr()[0]
-                bar.set_postfix({"loss": f"{loss_sum / meter.images:.4f}", "acc": f"{correct / meter.images:.2%}",
-                                 "lr": f"{lr:.3g}", "img/s": f"{meter.images / (time.perf_counter() - clock):,.0f}"},
+                bar.set_postfix({"loss": f"{loss_sum / images_so_far:.4f}", "acc": f"{correct / images_so_far:.2%}",
+                                 "lr": f"{lr:.3g}", "img/s": f"{images_so_far / (time.perf_counter() - clock):,.0f}"},
                                 refresh=False)
                 if on_log is not None:
                     on_log(global_step, window_loss, lr)
-                logged_sum, logged_images, window_lrs = loss_sum, meter.images, {}
+                logged_sum, logged_images, window_lrs = loss_sum, images_so_far, {}
             if should_stop is not None and should_stop():
                 raise TrainingInterrupted(snapshot(i), global_step)
             if checkpoint_every and global_step % checkpoint_every == 0 and i < len(loader) and on_checkpoint:
@@ -197,8 +213,8 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
     finally:
         bar.close()
     loss_sum, correct, _ = meter.read()
-    n = max(meter.images, 1)
-    return EpochResult(loss_sum / n, correct / n, meter.images, time.perf_counter() - clock), global_step
+    n = max(meter.total_images, 1)
+    return EpochResult(loss_sum / n, correct / n, meter.total_images, time.perf_counter() - clock), global_step
 
 
 @torch.inference_mode()
@@ -227,6 +243,10 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
             correct = confusion.view(num_classes, num_classes).diag().sum()
             bar.set_postfix({"loss": f"{loss_sum.item() / images:.4f}", "acc": f"{correct.item() / images:.2%}",
                              "img/s": f"{images / (time.perf_counter() - start):,.0f}"}, refresh=False)
+    if distributed.active():  # every process evaluated its own shard: sum them
+        distributed.all_reduce(loss_sum)
+        distributed.all_reduce(confusion)
+        images = int(distributed.all_reduce(torch.tensor([images], device=device)).item())
     confusion = confusion.view(num_classes, num_classes).cpu()
     correct = int(confusion.diag().sum())
     return EvalResult(loss_sum.item() / max(images, 1), correct / max(images, 1), images,
@@ -315,6 +335,7 @@ def fit(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, schedule
             logger.validation(state.global_step, epoch, val, model)
         row = {"epoch": epoch, "step": state.global_step, "train_loss": train.loss, "train_accuracy": train.accuracy,
                "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
+               "val_images": val.images if val else 0, "train_images": train.images,
                "lr": scheduler.get_last_lr()[0], "images_per_second": train.images_per_second,
                "train_seconds": train.seconds, "epoch_seconds": train.seconds + (val.seconds if val else 0.0),
                "is_best": is_best}
@@ -330,7 +351,7 @@ def fit(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, schedule
         checkpoints.load_model_weights("best")
         test = evaluate(model, data.test, precision, num_classes, mistakes=mistakes, desc="test", progress=progress)
         logger.test(state.global_step, test)
-        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy)
+        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_images=test.images)
         logger.info(f"test (best weights, epoch {state.best_epoch}): loss {test.loss:.4f}  "
                     f"accuracy {test.accuracy:.2%} on {test.images:,} images")
     elif data.test is None:
@@ -348,7 +369,7 @@ def summarize(state: TrainState) -> dict:
         "val_loss": final.get("val_loss"), "val_accuracy": final.get("val_accuracy"),
         "best_epoch": state.best_epoch,
         "best_val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None,
-        "test_loss": None, "test_accuracy": None,
+        "test_loss": None, "test_accuracy": None, "test_images": None,
         "images_per_second": _mean_throughput(state.history),
     }
 

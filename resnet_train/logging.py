@@ -214,3 +214,11 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class SilentLogger:
+    """The RunLogger of every process but the first when several train one model: they compute the
+    same numbers, one writes them."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

@@ -126,7 +126,7 @@ class ResNet(nn.Module):
                 self.in_planes = width * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(layers)
-        self.frozen: list[nn.Module] = []  # set by `freeze`: kept in eval mode by `train()`
+        self.frozen: list[str] = []  # names of frozen submodules (set by `freeze`), kept in eval mode
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(self.in_planes, num_classes)
@@ -147,15 +147,15 @@ class ResNet(nn.Module):
     def train(self, mode: bool = True) -> ResNet:
         """Frozen parts stay in eval mode: their BatchNorm statistics do not move."""
         super().train(mode)
-        for module in self.frozen:
-            module.eval()
+        for name in self.frozen:  # by name: SyncBatchNorm conversion replaces module objects
+            getattr(self, name).eval()
         return self
 
-    def stages(self) -> list[tuple[str, list[nn.Module]]]:
-        """The network in order: stem, layer1..layerN, fc."""
-        return [("stem", [self.conv1, self.bn1]),
-                *((f"layer{i}", [getattr(self, f"layer{i}")]) for i in range(1, self.num_stages + 1)),
-                ("fc", [self.fc])]
+    def stages(self) -> list[tuple[str, list[str]]]:
+        """The network in order, as submodule names: stem, layer1..layerN, fc."""
+        return [("stem", ["conv1", "bn1"]),
+                *((f"layer{i}", [f"layer{i}"]) for i in range(1, self.num_stages + 1)),
+                ("fc", ["fc"])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -178,10 +178,10 @@ def freeze(model: ResNet, upto: str) -> None:
     last = "layer" + str(model.num_stages) if upto == "backbone" else upto
     if last not in names[:-1]:
         raise ModelError(f"model.freeze={upto} is not one of none, backbone, {', '.join(names[:-1])}")
-    for name, modules in model.stages()[:names.index(last) + 1]:
-        for module in modules:
-            module.requires_grad_(False)
-            model.frozen.append(module)
+    for _, modules in model.stages()[:names.index(last) + 1]:
+        for name in modules:
+            getattr(model, name).requires_grad_(False)
+            model.frozen.append(name)
     model.train(model.training)
 
 

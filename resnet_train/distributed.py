@@ -1,0 +1,116 @@
+"""Several processes, one model: who we are (torchrun or SLURM set the ranks), the process group,
+and the few collectives the loop needs.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under SLURM (e.g. Hydra's
+submitit launcher, which starts one task per GPU with srun) the same facts come from SLURM_PROCID /
+SLURM_STEP_NUM_TASKS / SLURM_LOCALID and the node list. Without either we are a single process
+and every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_environment(env: dict[str, str] | None = None) -> Distributed:
+    env = dict(os.environ if env is None else env)
+    if int(env.get("WORLD_SIZE", "1")) > 1:  # torchrun
+        return Distributed(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # tasks of one srun step (submitit uses srun)
+        return Distributed(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0")))
+    return Distributed()
+
+
+def slurm_master(env: dict[str, str]) -> tuple[str, str]:
+    """MASTER_ADDR / MASTER_PORT for a SLURM step: the first node of the step, a port from the job id."""
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+    first = nodes.split(",")[0]
+    match = re.match(r"([^\[]+)\[(\d+)", first)  # node[003-010,012] -> node003
+    host = match.group(1) + match.group(2) if match else first
+    return host, str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+
+
+def init_process_group(info: Distributed) -> None:
+    """Join the process group once: nccl for CUDA tensors (with gloo for CPU ones), gloo without GPUs."""
+    if not info.enabled or dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:  # SLURM without torchrun
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_master(dict(os.environ))
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place, across processes (nothing when single)."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value`, on every rank (small Python objects, over a CPU group)."""
+    if not active():
+        return value
+    objects = [value]
+    dist.broadcast_object_list(objects, src=0, group=_cpu_group())
+    return objects[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier(group=_cpu_group())
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def agreed_stop(requested: Callable[[], bool], every: int) -> Callable[[], bool]:
+    """A stop check every process answers alike: every `every` calls the ranks share their flags
+    (so a signal seen by one rank stops all at the same step, without a sync per step)."""
+    if not active():
+        return requested
+    calls, decided = 0, False
+
+    def should_stop() -> bool:
+        nonlocal calls, decided
+        calls += 1
+        if not decided and calls % every == 0:
+            flag = torch.tensor([1.0 if requested() else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group())
+            decided = bool(flag.item())
+        return decided
+    return should_stop

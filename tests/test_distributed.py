@@ -1,0 +1,114 @@
+"""Several processes, one model: torchrun with gloo on the CPU, the SLURM launcher config, and the
+sharding that makes N processes see exactly what one process sees."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import subprocess_env
+from hydra import compose, initialize_config_module
+
+from resnet_train.data import BatchTransform, MemoryLoader, Shard
+from resnet_train.distributed import Distributed, from_environment, slurm_master
+
+# A frozen backbone keeps BatchNorm in eval mode, so one process and two must agree up to float
+# rounding (with BatchNorm training, each process normalizes its half batch: model.sync_bn=true
+# makes that global, on GPUs).
+RUN = ["model=resnet20", "model.freeze=backbone", "precision=fp32", "epochs=2", "batch_size=64", "optim.lr=0.01",
+       "dataset.val_size=100", "num_workers=0", "tensorboard.images=false"]
+TOLERANCE = 1e-4  # max absolute difference of any weight after 2 epochs (measured: ~7e-6)
+
+
+def torchrun(*args, cwd: Path, fake_md5_dir: Path) -> subprocess.CompletedProcess:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "resnet_train", *args],
+                          cwd=cwd, env=subprocess_env(fake_md5_dir), capture_output=True, text=True, timeout=300)
+
+
+def test_environment_gives_the_ranks():
+    assert from_environment({}) == Distributed()
+    assert from_environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == Distributed(3, 4, 1)
+    slurm = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+             "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
+    assert from_environment(slurm) == Distributed(5, 8, 1)
+    assert from_environment({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == Distributed()  # a batch script, not srun
+    assert slurm_master(slurm) == ("gpu07", str(20000 + 123456 % 20000))
+    assert slurm_master({"SLURM_JOB_NODELIST": "a1,b2"})[0] == "a1"
+
+
+def test_two_shards_see_exactly_what_one_process_sees():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g)
+    labels = torch.arange(40)
+    transform = BatchTransform((0.5,) * 3, (0.25,) * 3, crop_padding=4, hflip=True)
+    one = MemoryLoader(images, labels, 8, transform, train=True, seed=3)
+    shards = [MemoryLoader(images, labels, 4, transform, train=True, seed=3, shard=Shard(r, 2)) for r in (0, 1)]
+    for loader in (one, *shards):
+        loader.set_epoch(2)
+    for (x, y), (x0, y0), (x1, y1) in zip(one, *shards):
+        assert torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([x0, x1]), x)
+    evals = [MemoryLoader(images, labels, 3, transform, train=False, shard=Shard(r, 2)) for r in (0, 1)]
+    seen = sorted(int(v) for loader in evals for _, y in loader for v in y)
+    assert seen == list(range(40))  # every image exactly once
+
+
+@pytest.fixture(scope="module")
+def runs(cifar_root, fake_md5_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    single = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), *RUN, f"dataset.root={cifar_root}",
+                             f"hydra.run.dir={root / 'single'}"], env=subprocess_env(fake_md5_dir),
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = torchrun(*RUN, f"dataset.root={cifar_root}", cwd=root, fake_md5_dir=fake_md5_dir)
+    assert ddp.returncode == 0, ddp.stderr
+    return root, ddp
+
+
+def test_torchrun_writes_one_run_and_matches_one_process(runs):
+    root, ddp = runs
+    run_dirs = [p.parent for p in (root / "outputs").glob("*/*/.hydra")]
+    assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "best.pt").is_file()  # one run dir, rank 0's
+    assert len(list(run_dirs[0].glob("events.out.tfevents.*"))) == 1
+    assert "2 processes (DistributedDataParallel), global batch 64" in ddp.stdout
+    assert ddp.stdout.count("Done in") == 1  # only the first process reports
+
+    single = torch.load(root / "single" / "checkpoints" / "last.pt", weights_only=True)
+    multi = torch.load(run_dirs[0] / "checkpoints" / "last.pt", weights_only=True)
+    assert single["state"]["global_step"] == multi["state"]["global_step"] == 2 * (900 // 64)
+    diff = max((single["model"][k].float() - multi["model"][k].float()).abs().max().item() for k in single["model"])
+    assert diff < TOLERANCE
+
+    m1 = json.loads((root / "single" / "metrics.json").read_text())
+    m2 = json.loads((run_dirs[0] / "metrics.json").read_text())
+    assert m2["test_images"] == m1["test_images"] == 500  # the test split, each image once
+    assert [r["val_images"] for r in m2["history"]] == [100, 100] and m2["history"][0]["train_images"] == 896
+    assert m2["test_accuracy"] == pytest.approx(m1["test_accuracy"], abs=0.005)
+    assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
+
+
+def test_torchrun_resumes(runs, fake_md5_dir):
+    root, _ = runs
+    run_dir = next((root / "outputs").glob("*/*/.hydra")).parent
+    result = torchrun(f"resume={run_dir}", "epochs=3", cwd=root, fake_md5_dir=fake_md5_dir)
+    assert result.returncode == 0, result.stderr
+    assert "Resuming from" in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
+
+
+def test_global_batch_must_split_evenly(cifar_root, fake_md5_dir, tmp_path):
+    result = torchrun("batch_size=63", f"dataset.root={cifar_root}", cwd=tmp_path, fake_md5_dir=fake_md5_dir)
+    assert result.returncode != 0 and "batch_size=63 (the global batch) does not split evenly over 2" in result.stderr
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_module(config_module="resnet_train.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
