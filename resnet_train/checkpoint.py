@@ -79,17 +79,23 @@ def atomic_copy(src: Path, dst: Path) -> None:
     atomic_write(dst, copy)
 
 
+def read_torch_file(path: Path) -> Any:
+    """torch.load with weights_only=True (tensors and plain data, never arbitrary objects); a file
+    that cannot be read raises CheckpointError with the first line of the reason."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file): "
+                              f"{reason[:200]}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a resnet-train checkpoint safely (weights_only) or raise CheckpointError with the reason."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file): "
-                              f"{reason[:200]}") from None
+    ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is a torch file but not a resnet-train checkpoint "
                               f"(it lacks {', '.join(k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt)})")

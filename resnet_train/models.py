@@ -204,10 +204,12 @@ def pretrained_state_dict(arch: str, source: str) -> dict[str, torch.Tensor]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise ModelError(f"model.pretrained={source}: no such file (expected imagenet or a state dict file)")
+    from .checkpoint import CheckpointError, read_torch_file
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"model.pretrained={source} is not a readable state dict ({str(e).splitlines()[0][:200]})") from None
+        state = read_torch_file(path)
+    except CheckpointError as e:
+        raise ModelError(f"model.pretrained: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a resnet-train checkpoint
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
