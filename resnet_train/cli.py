@@ -563,8 +563,9 @@ def train(cfg: DictConfig) -> dict:
     except TrainingInterrupted:
         stop.signum = stop.signum or signal.SIGTERM  # another process received it
         log.warning(f"Stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step "
-                    f"{state.global_step}; saved {checkpoints.path('last')}. Resume with:\n"
-                    f"  resnet-train resume={run_dir}")
+                    f"{state.global_step}; saved {checkpoints.path('last')}. Resume with:\n  "
+                    + (f"torchrun --nproc_per_node={world.world_size} -m resnet_train" if world.enabled
+                       else "resnet-train") + f" resume={run_dir}")
         raise SystemExit(128 + stop.signum) from None
     finally:
         logger.close()
