@@ -142,9 +142,14 @@ def validate(cfg: DictConfig) -> None:
 _ABSENT = object()
 
 
+def arch_of(cfg: DictConfig) -> str:
+    """The model's architecture name, e.g. resnet20 (from its factory's `_target_`)."""
+    return cfg.model._target_.rsplit(".", 1)[-1]
+
+
 def check_model_options(cfg: DictConfig) -> None:
     """What the model's family allows: ImageNet weights and a layer4 exist for resnet18..152 only."""
-    arch = cfg.model._target_.rsplit(".", 1)[-1]
+    arch = arch_of(cfg)
     cifar_family = arch in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
     if cifar_family and cfg.model.get("freeze") == "layer4":
         raise ConfigError(f"model.freeze=layer4: {arch} has three stages (layer1..layer3)")
@@ -237,7 +242,7 @@ def build_optimizer_and_scheduler(cfg: DictConfig, model: torch.nn.Module, steps
 def hparam_values(cfg: DictConfig, precision: str) -> dict[str, Any]:
     """The hyperparameters shown in TensorBoard's HPARAMS tab (scalars and strings only)."""
     values = {
-        "model": cfg.model._target_.rsplit(".", 1)[-1], "stem": cfg.model.stem,
+        "model": arch_of(cfg), "stem": cfg.model.stem,
         "dataset": cfg.dataset.name, "optim": cfg.optim._target_.rsplit(".", 1)[-1],
         "scheduler": cfg.scheduler._target_.rsplit(".", 1)[-1].lower(),
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "precision": precision, "seed": cfg.seed,
@@ -268,7 +273,7 @@ class CheckBeforeRun(Callback):
         try:
             validate(task_cfg)
             pick_device_and_precision(task_cfg)
-        except (ConfigError, ValueError) as e:  # ValueError: DeviceError
+        except ValueError as e:  # ConfigError or DeviceError
             _fail(str(e))
         run_dir = Path(config.hydra.run.dir)
         if task_cfg.resume:
@@ -313,7 +318,7 @@ class SweepSummary(Callback):
         metrics = _read_json(job_dir / "metrics.json")
         failed = job_return.status != JobStatus.COMPLETED
         error = getattr(job_return, "_return_value", None) if failed else None
-        swept = [o for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in info.get("swept", [])]
+        swept = [o for o in config.hydra.overrides.task if _override_key(o) in info.get("swept", [])]
         write_json(job_dir / "job_status.json", {
             "job": config.hydra.job.num, "overrides": ",".join(swept) or config.hydra.job.override_dirname,
             "status": "failed" if failed else "ok",
@@ -385,13 +390,18 @@ RESUME_REFUSAL = ("cannot change when resuming (it would change the model, the d
                   "run); start a new run instead")
 
 
+def _override_key(arg: str) -> str:
+    """The config key a command-line override sets: `+optim.lr=0.1` -> `optim.lr`."""
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
 def config_with_overrides(stored: dict, composed: DictConfig, overrides: list[str],
                           allowed: Callable[[str], bool], refusal: str) -> DictConfig:
     """A checkpoint's config with the keys named on the command line taken from `composed` (the
     same command line applied to the defaults, so already parsed and type-checked by Hydra)."""
     cfg = OmegaConf.create(stored)
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = _override_key(override)
         if key.startswith("hydra.") or key == "resume":
             continue
         if not allowed(key):
@@ -429,7 +439,7 @@ def resume_arguments(args: list[str]) -> list[str]:
     if any(a.startswith("hydra.run.dir=") for a in args):
         _fail("resume= continues in the checkpoint's own run dir; leave out hydra.run.dir")
     for arg in args:
-        key = arg.split("=", 1)[0].lstrip("+~")
+        key = _override_key(arg)
         if not arg.startswith("-") and not key.startswith(("hydra.", "hydra/")) and key not in (*RESUMABLE, "resume"):
             _fail(f"{arg}: {RESUME_REFUSAL}")
     try:
@@ -513,7 +523,7 @@ def train(cfg: DictConfig) -> dict:
              f"{len(data.classes)} classes; validation on {data.val_source}")
     model = build_model(cfg, len(data.classes), device, pretrained=ckpt is None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(f"Model: {cfg.model._target_.rsplit('.', 1)[-1]} ({cfg.model.stem} stem), "
+    log.info(f"Model: {arch_of(cfg)} ({cfg.model.stem} stem), "
              f"{sum(p.numel() for p in model.parameters()):,} parameters"
              + (f", {trainable:,} trainable (model.freeze={cfg.model.freeze})" if cfg.model.freeze != "none" else "")
              + (f", backbone from {cfg.model.pretrained}" if cfg.model.pretrained else ""))
@@ -732,7 +742,7 @@ def eval_main() -> None:
            or a.startswith(("hydra.", "hydra/"))]
     _TRAINING_OVERRIDES[:] = [a for a in sys.argv[1:] if a not in own]
     for override in _TRAINING_OVERRIDES:
-        if override.split("=", 1)[0].lstrip("+~").split(".")[0] == "model":
+        if _override_key(override).split(".")[0] == "model":
             _fail(f"{override}: the model is fixed by the checkpoint and cannot be changed here")
     sys.argv[1:] = own
     _eval_app()
@@ -837,7 +847,7 @@ def summary_table(args: list[str]) -> str:
 
     model = build_model(cfg, num_classes, torch.device("cpu"), pretrained=False)
     image_size = cfg.dataset.image_size
-    header = (f"{cfg.model._target_.rsplit('.', 1)[-1]} ({cfg.model.stem} stem, {num_classes} classes, "
+    header = (f"{arch_of(cfg)} ({cfg.model.stem} stem, {num_classes} classes, "
               f"model.freeze={cfg.model.freeze}), {image_size}x{image_size} input\n")
     return header + format_table(summarize(model, image_size), model, image_size)
 

@@ -128,6 +128,13 @@ class Shard:
     def eval_indices(self, n: int) -> range:
         return range(self.rank, n, self.world_size)
 
+    def num_batches(self, n: int, batch_size: int, train: bool) -> int:
+        """Batches of `batch_size` per process in an epoch of `n` images: full global batches when
+        training, every image of the shard when evaluating."""
+        if train:
+            return n // (batch_size * self.world_size)
+        return math.ceil(len(self.eval_indices(n)) / batch_size)
+
 
 class MemoryLoader:
     """Batches sliced from uint8 NHWC images held on the training device. `batch_size` is per
@@ -142,9 +149,7 @@ class MemoryLoader:
 
     def __len__(self) -> int:
         """Batches in a whole epoch (also when this one starts after `skip` batches)."""
-        if self.train:
-            return len(self.labels) // (self.batch_size * self.shard.world_size)
-        return math.ceil(len(self.eval_order) / self.batch_size)
+        return self.shard.num_batches(len(self.labels), self.batch_size, self.train)
 
     @property
     def num_images(self) -> int:
@@ -198,7 +203,7 @@ class _EpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         if not self.train:
             return len(self.shard.eval_indices(self.n))
-        return (self.n // (self.batch_size * self.shard.world_size) - self.start) * self.batch_size
+        return (self.shard.num_batches(self.n, self.batch_size, True) - self.start) * self.batch_size
 
     def __iter__(self):
         if not self.train:
@@ -230,9 +235,7 @@ class StreamLoader:
 
     def __len__(self) -> int:
         """Batches in a whole epoch (also when this one starts after `skip` batches)."""
-        if self.train:
-            return self.num_images // (self.batch_size * self.shard.world_size)
-        return math.ceil(len(self.shard.eval_indices(self.num_images)) / self.batch_size)
+        return self.shard.num_batches(self.num_images, self.batch_size, self.train)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Order and augmentation of `epoch`; start after its first `skip` batches (mid-epoch resume)."""
