@@ -681,12 +681,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         raise ConfigError(str(e).strip()) from None
     checkpoint = find_checkpoint(cfg.checkpoint, "best.pt")
     ckpt = load_checkpoint(checkpoint)
-    run_cfg = config_with_overrides(ckpt["config"], composed, _TRAINING_OVERRIDES,
-                                    lambda key: key.split(".")[0] != "model",
+    # the precision the run trained in, unless precision= is given here
+    stored = {**ckpt["config"], "precision": ckpt.get("precision", ckpt["config"].get("precision", "auto"))}
+    run_cfg = config_with_overrides(stored, composed, _TRAINING_OVERRIDES, lambda key: key.split(".")[0] != "model",
                                     "the model is fixed by the checkpoint and cannot be changed here")
     validate(run_cfg)
-    device = devices.pick_device(run_cfg.device)
-    precision = devices.Precision(devices.pick_precision(ckpt.get("precision", run_cfg.precision), device), device.type)
+    device, precision = pick_device_and_precision(run_cfg)
     norm = ckpt["normalization"]
     data = load_data(run_cfg, device, mean=norm["mean"], std=norm["std"])
     if data.classes != ckpt["classes"]:

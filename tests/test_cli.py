@@ -104,6 +104,10 @@ def test_eval_overrides_and_output(cifar_run, cifar_root, run_cli, tmp_path):
     assert_ok(result)
     report = json.loads(out.read_text())
     assert report["split"] == "val" and report["images"] == 100
+    assert "precision bf16" in result.stdout or "precision fp32" in result.stdout  # the training run's
+    fp32 = run_cli("resnet-eval", f"checkpoint={run_dir}", "split=val", f"output={out}", "precision=fp32")
+    assert_ok(fp32)
+    assert "precision fp32" in fp32.stdout  # an explicit precision= wins over the checkpoint's
     bad = run_cli("resnet-eval", f"checkpoint={run_dir}", "model.dropout=0.5")
     assert bad.returncode == 2 and "fixed by the checkpoint" in bad.stderr
 
