@@ -6,18 +6,19 @@ can read it without unpickling arbitrary objects):
   state                                 epoch, global_step, best_val_accuracy, best_epoch, history
   config                                the composed config (plain dict, interpolations resolved)
   classes, normalization, precision     what evaluation and prediction need to rebuild the run
-  rng                                   python, numpy, torch CPU and CUDA generator states
+  rng                                   per process: python, numpy, torch CPU and its CUDA device's
+                                        generator states
+Tensors are saved on the CPU, so a checkpoint written on any GPU loads on a machine without one.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import random
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,51 +26,17 @@ from torch import nn
 
 from . import distributed
 from .engine import TrainState
+from .errors import CheckpointError
+from .files import atomic_write, storage_error
 
 REQUIRED_KEYS = ("model", "config", "classes")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or does not fit the requested run."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file so that readers (and a crash at any moment) see the old or the new file, never
-    half of one: write a temporary file beside it, fsync, rename over `path`, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:  # torch's zip writer reports a full disk as "enforce fail ... failed writing"
+        raise storage_error(path, e) from None
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
@@ -114,8 +81,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def load_model_state(model: nn.Module, state: dict, source: str) -> None:
     """Load weights, turning a shape or name mismatch into one line naming the first difference."""
-    model = unwrap(model)
-    own = model.state_dict()
+    check_model_state(model, state, source)
+    unwrap(model).load_state_dict(state)
+
+
+def check_classes(trained_on: list[str], data_classes: list[str], source: str) -> None:
+    """CheckpointError when the data's classes are not the ones the checkpoint learned."""
+    if list(trained_on) != list(data_classes):
+        show = lambda names: f"{len(names)} ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"  # noqa: E731
+        raise CheckpointError(f"the weights in {source} do not fit this data: they were trained on classes "
+                              f"{show(trained_on)}, the data has {show(data_classes)}")
+
+
+def check_model_state(model: nn.Module, state: dict, source: str) -> None:
+    """CheckpointError naming the first name or shape in `state` that `model` does not have."""
+    own = unwrap(model).state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -125,42 +105,62 @@ def load_model_state(model: nn.Module, state: dict, source: str) -> None:
                   f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
         raise CheckpointError(f"the weights in {source} do not fit this model ({detail}); "
                               "was it trained with another model or number of classes?")
-    model.load_state_dict(state)
 
 
-def rng_states() -> dict:
+def rng_states(device: torch.device) -> dict:
+    """This process's generator states (its own CUDA device's only: another machine may have fewer GPUs)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def restore_rng_states(states: dict) -> None:
-    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
-    kind, keys, *rest = states["numpy"]
+def gather_rng_states(device: torch.device) -> list[dict]:
+    """Every process's generator states, in rank order. (Sent as torch.save bytes: all_gather_object
+    cannot unpickle tensors in torch 2.14.)"""
+    buffer = io.BytesIO()
+    torch.save(rng_states(device), buffer)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in distributed.gather_objects(buffer.getvalue())]
+
+
+def restore_rng_states(saved: list[dict] | dict, device: torch.device) -> None:
+    """Each process takes its own rank's states (the first rank's if the run had fewer processes)."""
+    states = saved if isinstance(saved, list) else [saved]
+    mine = states[min(distributed.rank(), len(states) - 1)]
+    random.setstate((mine["python"][0], tuple(mine["python"][1]), mine["python"][2]))
+    kind, keys, *rest = mine["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    torch.set_rng_state(mine["torch"])
+    cuda = mine.get("cuda")
+    if isinstance(cuda, list):  # an older checkpoint: every device's state
+        cuda = cuda[device.index or 0] if device.type == "cuda" and len(cuda) > (device.index or 0) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     scaler: torch.amp.GradScaler, source: str) -> TrainState:
-    """Put model, optimizer, scheduler, scaler and RNGs back where `ckpt` left them."""
+                     scaler: torch.amp.GradScaler, source: str, device: torch.device) -> TrainState:
+    """Put model, optimizer, scheduler, scaler and RNGs back where `ckpt` left them. The device and
+    precision may differ from the run's: a grad scaler starts fresh when the run had none (bf16
+    or fp32 before, fp16 now) and is dropped when this run needs none."""
     missing = [k for k in ("optimizer", "scheduler", "scaler", "state", "rng") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{source} cannot be resumed: it lacks {', '.join(missing)}")
     load_model_state(model, ckpt["model"], source)
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{source}: the optimizer or scheduler state does not fit this run ({e})") from None
-    restore_rng_states(ckpt["rng"])
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)  # fused/foreach kernels as chosen for this device, not the saving one
+    if ckpt["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_states(ckpt["rng"], device)
     return TrainState(**ckpt["state"])
 
 
@@ -169,8 +169,9 @@ class RunCheckpoints:
     several processes only the first writes (`writer=True`); all read."""
 
     def __init__(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, scaler: torch.amp.GradScaler, metadata: dict, writer: bool = True):
-        self.directory, self.writer = directory, writer
+                 scheduler: Any, scaler: torch.amp.GradScaler, metadata: dict, device: torch.device,
+                 writer: bool = True):
+        self.directory, self.writer, self.device = directory, writer, device
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.metadata = metadata  # config, classes, normalization, precision
 
@@ -178,6 +179,7 @@ class RunCheckpoints:
         return self.directory / f"{name}.pt"
 
     def save_last(self, state: TrainState) -> None:
+        rng = gather_rng_states(self.device)
         if not self.writer:
             return
         atomic_save({
@@ -186,7 +188,7 @@ class RunCheckpoints:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": asdict(state),
-            "rng": rng_states(),
+            "rng": rng,
             **self.metadata,
         }, self.path("last"))
 

@@ -25,10 +25,7 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.v2 import functional as TF
 
-
-class DataError(ValueError):
-    """The data the config points at is missing or unusable."""
-
+from .errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -88,7 +85,9 @@ class BatchTransform:
             images = crop_flip(images, self.crop_padding, offsets, flips)
         x = images.permute(0, 3, 1, 2).float()  # NCHW view with channels_last strides
         if self.output_size is not None and x.shape[-1] != self.output_size:
-            x = F.interpolate(x, size=(self.output_size, self.output_size), mode="bilinear", antialias=True)
+            # antialiasing matters only when shrinking; upscaling (32 -> 224) with it picks a slower kernel
+            x = F.interpolate(x, size=(self.output_size, self.output_size), mode="bilinear",
+                              antialias=self.output_size < x.shape[-1])
         if self.mean is not None:
             mean, std = self._stats(x.device)
             x = (x - mean) / std
@@ -321,10 +320,9 @@ def _reason(e: Exception) -> str:
 
 def _cifar_help(cls, title: str, root: Path, folder: Path, why: str) -> str:
     state = "has files that failed the integrity check" if folder.is_dir() else "does not exist"
-    return (f"No usable {title} in dataset.root={root}: {folder} {state}, and {why}.\n"
-            f"To provide it offline, fetch {cls.url} on a machine with internet and either put "
-            f"{cls.filename} into {root} or extract it there (giving {folder}/), "
-            f"or point dataset.root=<dir> at a folder that contains {cls.base_folder}/.")
+    return (f"no usable {title} in dataset.root={root}: {folder} {state}, and {why}. To provide it offline, "
+            f"fetch {cls.url} on a machine with internet and put {cls.filename} into {root} (or extract it there, "
+            f"giving {folder}/), or point dataset.root at a folder that contains {cls.base_folder}/")
 
 
 def decode_resized(path: str, size: int) -> torch.Tensor:

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class DeviceError(ValueError):
-    """The requested device or precision cannot be used on this machine."""
+from .errors import DeviceError
 
 
 def cuda_available() -> bool:

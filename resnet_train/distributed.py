@@ -9,10 +9,11 @@ and every function here is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -63,8 +64,41 @@ def init_process_group(info: Distributed) -> None:
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
 
 
+def shutdown() -> None:
+    """Leave the process group (at the end of a run), so the process exits without a warning."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every process's `value`, in rank order, on every process (small Python objects)."""
+    if not active():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value, group=_cpu_group())
+    return out
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """The first process of each machine runs the block first (a download, say) and the others
+    after it, so they read its finished files instead of writing the same ones at once."""
+    first = from_environment().local_rank == 0
+    if not first:
+        barrier()
+    try:
+        yield
+    finally:
+        if first:
+            barrier()
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

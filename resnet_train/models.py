@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ModelError
+
 Stem = Literal["cifar", "imagenet"]
 Shortcut = Literal["A", "B"]
 
@@ -109,7 +111,7 @@ class ResNet(nn.Module):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         if len(layers) != len(widths):
             raise ValueError("layers and widths must have the same length")
-        self.in_planes = widths[0]
+        self.in_planes, self.stem = widths[0], stem
         if stem == "imagenet":  # 7x7 stride 2 + max-pool: 224px images
             self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
@@ -163,10 +165,6 @@ class ResNet(nn.Module):
             x = getattr(self, f"layer{i}")(x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(self.dropout(x))
-
-
-class ModelError(ValueError):
-    """Pretrained weights or a freeze point that do not fit the model."""
 
 
 def freeze(model: ResNet, upto: str) -> None:
@@ -238,17 +236,21 @@ IMAGENET_WIDTHS = [64, 128, 256, 512]
 CIFAR_WIDTHS = [16, 32, 64]
 
 
-def _build(arch: str, block, layers, widths, shortcut: Shortcut, num_classes: int, stem: Stem, dropout: float,
-           zero_init_residual: bool, pretrained: str | None, freeze_upto: str) -> ResNet:
+def _build(arch: str, block, layers, widths, shortcut: Shortcut, num_classes: int, stem: Stem | Literal["auto"],
+           dropout: float, zero_init_residual: bool, pretrained: str | None, freeze_upto: str) -> ResNet:
+    state = pretrained_state_dict(arch, pretrained) if pretrained else None
+    if stem == "auto":  # follow the weights: torchvision's have a 7x7 first convolution, CIFAR-style ones 3x3
+        kernel = state["conv1.weight"].shape[-1] if state is not None and "conv1.weight" in state else 3
+        stem = "imagenet" if kernel == 7 else "cifar"
     model = ResNet(block, layers, widths, num_classes, stem, shortcut, dropout, zero_init_residual)
-    if pretrained:
-        load_backbone(model, pretrained_state_dict(arch, pretrained), pretrained)
+    if state is not None:
+        load_backbone(model, state, pretrained)
     freeze(model, freeze_upto)
     return model
 
 
 def _factory(arch: str, block, layers: list[int], widths: list[int], shortcut: Shortcut):
-    def factory(num_classes: int = 10, stem: Stem = "cifar", dropout: float = 0.0, zero_init_residual: bool = False,
+    def factory(num_classes: int = 10, stem: Stem | Literal["auto"] = "cifar", dropout: float = 0.0, zero_init_residual: bool = False,
                 pretrained: str | None = None, freeze: str = "none") -> ResNet:
         return _build(arch, block, layers, widths, shortcut, num_classes, stem, dropout, zero_init_residual,
                       pretrained, freeze)

@@ -1,8 +1,11 @@
-"""Shared fixtures: composed configs, small learnable data sets in the real on-disk formats, and a
-runner for the console scripts as subprocesses (offline, CPU)."""
+"""Shared fixtures: small learnable data sets in the real on-disk formats, one runner for the console
+scripts (a subprocess in its own working directory, offline, CPU), one TensorBoard reader, and an
+in-process `train` for tests where starting an interpreter would cost more than the test."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -21,47 +24,133 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [250, 190, 190], [0, 0, 128]], dtype=np.int16)
 
 
-def make_images(n: int, num_classes: int = 10, size: int = 32, seed: int = 0,
+def make_images(n: int, num_classes: int = 10, size: int | tuple[int, int] = 32, seed: int = 0,
                 label_noise: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
     """uint8 NHWC images: a noisy class-colored square at a random place on a noisy gray background.
     `label_noise` of the images are drawn with a random class's color, so accuracy stays below 100%
-    and matching numbers (e.g. eval vs training) say something."""
+    and matching numbers (e.g. eval vs training) say something. `size` may be (width, height)."""
+    width, height = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % num_classes
     rng.shuffle(labels)
-    images = rng.integers(60, 196, size=(n, size, size, 3), dtype=np.int16)
-    side = size // 2
+    images = rng.integers(60, 196, size=(n, height, width, 3), dtype=np.int16)
+    side = min(width, height) // 2
     for i, label in enumerate(labels):
-        top, left = rng.integers(0, size - side + 1, size=2)
+        top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
         color = rng.integers(num_classes) if rng.random() < label_noise else label
         patch = PALETTE[color % len(PALETTE)] + rng.integers(-20, 21, size=(side, side, 3))
         images[i, top:top + side, left:left + side] = patch
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
 
 
-def write_cifar10(root: Path, n_train: int = 1000, n_test: int = 500, seed: int = 0) -> Path:
-    """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) as torchvision reads them."""
-    folder = root / "cifar-10-batches-py"
+# --------------------------------------------------------------------------------------------
+# CIFAR in torchvision's format, with its real integrity check
+# --------------------------------------------------------------------------------------------
+
+def register_md5s(folder: Path) -> None:
+    """Record the md5 of every file in `folder` where the CIFAR integrity check looks them up."""
+    registry = Path(os.environ["RESNET_TRAIN_TEST_CIFAR_MD5"])
+    known = json.loads(registry.read_text()) if registry.is_file() else {}
+    for path in folder.iterdir():
+        known[str(path.resolve())] = hashlib.md5(path.read_bytes()).hexdigest()
+    tmp = registry.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known))
+    tmp.replace(registry)
+
+
+def write_cifar(root: Path, name: str = "cifar10", n_train: int = 1000, n_test: int = 500, seed: int = 0) -> Path:
+    """CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta) or CIFAR-100's (train,
+    test, meta) as torchvision reads them; their md5s go to the test registry."""
+    num_classes = 10 if name == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     folder.mkdir(parents=True)
-    train_images, train_labels = make_images(n_train, seed=seed)  # balanced classes in each split
-    test_images, test_labels = make_images(n_test, seed=seed + 1)
+    train_images, train_labels = make_images(n_train, num_classes, seed=seed)  # balanced classes in each split
+    test_images, test_labels = make_images(n_test, num_classes, seed=seed + 1)
     images, labels = np.concatenate([train_images, test_images]), np.concatenate([train_labels, test_labels])
     rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # CIFAR stores planar RGB rows
+    label_key = "labels" if name == "cifar10" else "fine_labels"
 
-    def dump(name: str, idx: np.ndarray) -> None:
-        with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels[idx].tolist(), "data": rows[idx],
+    def dump(filename: str, idx: np.ndarray) -> None:
+        with open(folder / filename, "wb") as f:
+            pickle.dump({"batch_label": filename, label_key: labels[idx].tolist(), "data": rows[idx],
                          "filenames": [f"{i}.png" for i in idx]}, f, protocol=2)
 
-    for k, idx in enumerate(np.array_split(np.arange(n_train), 5), 1):
-        dump(f"data_batch_{k}", idx)
-    dump("test_batch", np.arange(n_train, n_train + n_test))
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": n_train // 5, "num_vis": 3072}, f, protocol=2)
+    if name == "cifar10":
+        for k, idx in enumerate(np.array_split(np.arange(n_train), 5), 1):
+            dump(f"data_batch_{k}", idx)
+        dump("test_batch", np.arange(n_train, n_train + n_test))
+        meta = ("batches.meta", {"label_names": CLASSES, "num_cases_per_batch": n_train // 5, "num_vis": 3072})
+    else:
+        dump("train", np.arange(n_train))
+        dump("test", np.arange(n_train, n_train + n_test))
+        meta = ("meta", {"fine_label_names": [f"class{i:02d}" for i in range(100)], "coarse_label_names": []})
+    with open(folder / meta[0], "wb") as f:
+        pickle.dump(meta[1], f, protocol=2)
+    register_md5s(folder)
     return root
 
 
-def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 4, size: int = 32, seed: int = 0) -> Path:
+# A sitecustomize for the console scripts under test: torchvision's CIFAR integrity check runs for
+# real, expecting our generated files' md5s (looked up by path in the registry) instead of the
+# official ones. Installed when torchvision.datasets.cifar is first imported, so processes that
+# never read CIFAR start as fast as usual.
+SITECUSTOMIZE = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, json, os, sys
+
+    def expected_md5s(check_integrity):
+        def check(fpath, md5=None):
+            registry = os.environ.get("RESNET_TRAIN_TEST_CIFAR_MD5", "")
+            known = json.load(open(registry)) if os.path.isfile(registry) else {}
+            return check_integrity(fpath, known.get(os.path.realpath(fpath), md5))
+        return check
+
+    class PatchCifarChecksums(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "torchvision.datasets.cifar":
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            run_module = spec.loader.exec_module
+
+            def exec_module(module):
+                run_module(module)
+                module.check_integrity = expected_md5s(module.check_integrity)
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, PatchCifarChecksums())
+
+    if os.environ.get("RESNET_TRAIN_TEST_HOOK"):  # a test's fault injection (e.g. running out of memory)
+        exec(open(os.environ["RESNET_TRAIN_TEST_HOOK"]).read())
+""")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_environment(tmp_path_factory) -> Path:
+    """Session-wide: the md5 registry and the sitecustomize directory, named in os.environ so every
+    subprocess (and in-process CIFAR reads, through `cifar_checksums`) finds them."""
+    root = tmp_path_factory.mktemp("env")
+    (root / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    os.environ["RESNET_TRAIN_TEST_CIFAR_MD5"] = str(root / "cifar-md5.json")
+    os.environ["RESNET_TRAIN_TEST_SITE"] = str(root)
+    return root
+
+
+@pytest.fixture
+def cifar_checksums(monkeypatch):
+    """The same expected-md5 lookup for CIFAR read in this process."""
+    import torchvision.datasets.cifar as cifar
+    namespace: dict = {}
+    exec(SITECUSTOMIZE.split("class PatchCifarChecksums")[0], namespace)
+    monkeypatch.setattr(cifar, "check_integrity", namespace["expected_md5s"](cifar.check_integrity))
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    return write_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 4, size: int | tuple[int, int] = 32,
+                       seed: int = 0) -> Path:
     """root/<split>/<class>/<i>.png|jpg with `splits` = {"train": n, "test": n, ...}."""
     for k, (split, n) in enumerate(splits.items()):
         images, labels = make_images(n, num_classes, size, seed=seed + k)
@@ -73,55 +162,22 @@ def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 4,
 
 
 @pytest.fixture(scope="session")
-def cifar_root(tmp_path_factory) -> Path:
-    return write_cifar10(tmp_path_factory.mktemp("cifar"))
-
-
-@pytest.fixture(scope="session")
 def image_folder_root(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"), {"train": 400, "test": 200})
 
 
-@pytest.fixture(scope="session")
-def fake_md5_dir(tmp_path_factory) -> Path:
-    """A sitecustomize for subprocesses: torchvision's CIFAR md5 checks accept any existing file
-    (the only part of the real format our generated batches cannot match). It patches the module
-    when it is first imported, so processes that never load CIFAR start as fast as usual."""
-    d = tmp_path_factory.mktemp("sitecustomize")
-    (d / "sitecustomize.py").write_text(textwrap.dedent("""
-        import importlib.abc, importlib.machinery, os, sys
-
-        class PatchCifarIntegrityCheck(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name != "torchvision.datasets.cifar":
-                    return None
-                spec = importlib.machinery.PathFinder.find_spec(name, path)
-                run_module = spec.loader.exec_module
-
-                def exec_module(module):
-                    run_module(module)
-                    module.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
-                spec.loader.exec_module = exec_module
-                return spec
-
-        sys.meta_path.insert(0, PatchCifarIntegrityCheck())
-    """))
-    return d
+# --------------------------------------------------------------------------------------------
+# Running the console scripts as a user does
+# --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_md5(monkeypatch):
-    """The same md5 bypass for in-process tests."""
-    import torchvision.datasets.cifar as cifar
-    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
-
-
-def subprocess_env(fake_md5_dir: Path | None = None) -> dict:
-    """The environment for the console scripts under test: CPU only, one thread each (pytest-xdist
-    runs two tests at a time on the 2 cores), and the CIFAR md5 bypass when given."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    if fake_md5_dir is not None:
-        env["PYTHONPATH"] = str(fake_md5_dir)
+def subprocess_env() -> dict:
+    """CPU only, one thread each (pytest-xdist runs two tests at a time on the 2 cores), the CIFAR
+    checksums of the generated data."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TORCH_HOME": os.environ.get(
+        "TORCH_HOME", str(Path(os.environ["RESNET_TRAIN_TEST_SITE"]) / "torch-home"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ["RESNET_TRAIN_TEST_SITE"], env.get("PYTHONPATH")) if p)
+    env.pop("HYDRA_FULL_ERROR", None)
     return env
 
 
@@ -132,13 +188,67 @@ def script(name: str) -> str:
     return str(path)
 
 
+class Runner:
+    """Runs console scripts in one working directory (relative paths and default output folders
+    resolve there, as for a user in a terminal)."""
+
+    def __init__(self, cwd: Path, **env: str):
+        self.cwd = Path(cwd)
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self.env = {**subprocess_env(), **env}
+
+    def __call__(self, name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([script(name), *map(str, args)], cwd=self.cwd, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def popen(self, name: str, *args: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([script(name), *map(str, args)], cwd=self.cwd, env={**self.env, **kwargs.pop("env", {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
 @pytest.fixture
-def run_cli(fake_md5_dir, tmp_path):
-    """Run a console script in a subprocess, offline, from a scratch directory."""
-    def run(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run([script(name), *args], cwd=tmp_path, env=subprocess_env(fake_md5_dir),
-                              capture_output=True, text=True, timeout=timeout)
-    return run
+def run_cli(tmp_path) -> Runner:
+    """A runner whose working directory is this test's own scratch folder."""
+    return Runner(tmp_path / "work")
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+
+
+def assert_one_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> None:
+    """Failed with `code` and exactly one line on stderr, `error: ...`, containing every fragment."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading results
+# --------------------------------------------------------------------------------------------
+
+
+def events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in events(run_dir).Scalars(tag)]
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and in-process training
+# --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -148,3 +258,20 @@ def compose_cfg():
         with initialize_config_module(config_module="resnet_train.configs", version_base="1.3"):
             return compose(config_name=config_name, overrides=list(overrides))
     return _compose
+
+
+@pytest.fixture
+def train_in_process(compose_cfg, cifar_checksums, monkeypatch):
+    """`train(cfg)` in this process (lightning-hydra-template style): no interpreter start-up, the
+    same code path after Hydra. Returns (metrics, run_dir)."""
+    import torch
+
+    from resnet_train.commands.train import train
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+    def run(run_dir: Path, *overrides: str) -> dict:
+        cfg = compose_cfg(*overrides, "progress=false")
+        return train(cfg, Path(run_dir), list(overrides))
+    return run

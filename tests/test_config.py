@@ -7,15 +7,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from resnet_train import optim as optim_module
-from resnet_train.cli import (
-    ConfigError,
-    build_model,
-    build_optimizer_and_scheduler,
-    pick_device_and_precision,
-    resolve_stem,
-    validate,
-)
-from resnet_train.device import DeviceError
+from resnet_train.build import build_model, build_optimizer_and_scheduler, pick_device_and_precision
+from resnet_train.config import stem_of, validate
+from resnet_train.errors import ConfigError, DeviceError
 
 
 def options(group: str) -> list[str]:
@@ -35,10 +29,9 @@ def test_groups_have_the_documented_options():
 def test_model_options_instantiate(compose_cfg, name):
     cfg = compose_cfg(f"model={name}")
     validate(cfg)
-    resolve_stem(cfg)
-    assert cfg.model.stem == "cifar"
+    assert stem_of(cfg) == "cifar"
     model = build_model(cfg, 10, torch.device("cpu"))
-    assert model.fc.out_features == 10
+    assert model.fc.out_features == 10 and cfg.model.stem == "cifar"
 
 
 @pytest.mark.parametrize("name", options("dataset"))
@@ -54,7 +47,7 @@ def test_optim_and_scheduler_options_instantiate(compose_cfg, optim, scheduler):
     cfg = compose_cfg(f"optim={optim}", f"scheduler={scheduler}", "model=resnet20", "scheduler.warmup_epochs=1")
     validate(cfg)
     model = torch.nn.Linear(3, 2)
-    opt, sched = build_optimizer_and_scheduler(cfg, model, steps_per_epoch=10)
+    opt, sched = build_optimizer_and_scheduler(cfg, model, steps_per_epoch=10, device=torch.device("cpu"))
     assert type(opt).__name__.lower() == optim
     start = 1 / cfg.scheduler.div_factor if scheduler == "onecycle" else 1.0  # 1cycle starts low by design
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr / 10 * start)  # first of 10 warmup steps
@@ -73,9 +66,7 @@ def test_documented_defaults(compose_cfg):
     assert list(cfg.dataset.mean) == [0.4914, 0.4822, 0.4465] and list(cfg.dataset.std) == [0.2023, 0.1994, 0.2010]
     assert cfg.dataset.augment.crop_padding == 4 and cfg.dataset.augment.hflip and cfg.dataset.val_size == 5000
     assert compose_cfg("dataset.image_size=224").model.stem == "auto"
-    big = compose_cfg("dataset.image_size=224")
-    resolve_stem(big)
-    assert big.model.stem == "imagenet"
+    assert stem_of(compose_cfg("dataset.image_size=224")) == "imagenet"
 
 
 @pytest.mark.parametrize("name", options("experiment"))
@@ -113,9 +104,9 @@ def test_bad_values_are_rejected_by_name(compose_cfg, override, key):
 
 def test_precision_and_device_values_are_checked(compose_cfg):
     with pytest.raises(DeviceError, match="precision='fp8' is not one of auto, fp32, bf16, fp16"):
-        pick_device_and_precision(compose_cfg("precision=fp8"))
+        pick_device_and_precision("auto", "fp8")
     with pytest.raises(DeviceError, match="device='gpu0' is not one of"):
-        pick_device_and_precision(compose_cfg("device=gpu0"))
+        pick_device_and_precision("gpu0", "auto")
 
 
 def test_image_folder_needs_a_root(compose_cfg):

@@ -101,7 +101,7 @@ def common(**kw):
     return args
 
 
-def test_cifar10_reads_the_python_batches(cifar_root, fake_md5):
+def test_cifar10_reads_the_python_batches(cifar_root, cifar_checksums):
     train, test, classes = load_cifar("cifar10", cifar_root, download=False)
     assert classes == CLASSES and len(train) == 1000 and len(test) == 500
     assert train.images.shape == (1000, 32, 32, 3) and train.images.dtype == torch.uint8
@@ -112,7 +112,7 @@ def test_cifar10_reads_the_python_batches(cifar_root, fake_md5):
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
 
 
-def test_val_size_zero_validates_on_test(cifar_root, fake_md5):
+def test_val_size_zero_validates_on_test(cifar_root, cifar_checksums):
     data = build_data("cifar10", str(cifar_root), **common(val_size=0, mean=MEAN, std=STD))
     assert data.val is data.test and data.train.num_images == 1000 and "test split" in data.val_source
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import Runner, assert_ok, metrics_of
 from hydra import compose, initialize_config_module
 
 from resnet_train.data import BatchTransform, MemoryLoader, Shard
@@ -22,10 +22,8 @@ RUN = ["model=resnet20", "model.freeze=backbone", "precision=fp32", "epochs=2", 
 TOLERANCE = 1e-4  # max absolute difference of any weight after 2 epochs (measured: ~7e-6)
 
 
-def torchrun(*args, cwd: Path, fake_md5_dir: Path) -> subprocess.CompletedProcess:
-    torchrun = Path(sys.executable).parent / "torchrun"
-    return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "resnet_train", *args],
-                          cwd=cwd, env=subprocess_env(fake_md5_dir), capture_output=True, text=True, timeout=300)
+def torchrun(runner: Runner, *args: str):
+    return runner("torchrun", "--standalone", "--nproc_per_node=2", "-m", "resnet_train", *args, timeout=300)
 
 
 def test_environment_gives_the_ranks():
@@ -56,51 +54,79 @@ def test_two_shards_see_exactly_what_one_process_sees():
 
 
 @pytest.fixture(scope="module")
-def runs(cifar_root, fake_md5_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    single = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), *RUN, f"dataset.root={cifar_root}",
-                             f"hydra.run.dir={root / 'single'}"], env=subprocess_env(fake_md5_dir),
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    ddp = torchrun(*RUN, f"dataset.root={cifar_root}", cwd=root, fake_md5_dir=fake_md5_dir)
-    assert ddp.returncode == 0, ddp.stderr
-    return root, ddp
+def runs(cifar_root, tmp_path_factory):
+    user = Runner(tmp_path_factory.mktemp("ddp"))
+    (user.cwd / "data").symlink_to(cifar_root)
+    assert_ok(user("resnet-train", *RUN, "hydra.run.dir=single"))
+    ddp = torchrun(user, *RUN)
+    assert_ok(ddp)
+    return user, ddp
 
 
 def test_torchrun_writes_one_run_and_matches_one_process(runs):
-    root, ddp = runs
-    run_dirs = [p.parent for p in (root / "outputs").glob("*/*/.hydra")]
+    user, ddp = runs
+    run_dirs = [p.parent for p in (user.cwd / "outputs").glob("*/*/.hydra")]
     assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "best.pt").is_file()  # one run dir, rank 0's
     assert len(list(run_dirs[0].glob("events.out.tfevents.*"))) == 1
     assert "2 processes (DistributedDataParallel), global batch 64" in ddp.stdout
     assert ddp.stdout.count("Done in") == 1  # only the first process reports
+    assert "destroy_process_group" not in ddp.stderr  # each process left the group at the end
 
-    single = torch.load(root / "single" / "checkpoints" / "last.pt", weights_only=True)
+    single = torch.load(user.cwd / "single" / "checkpoints" / "last.pt", weights_only=True)
     multi = torch.load(run_dirs[0] / "checkpoints" / "last.pt", weights_only=True)
     assert single["state"]["global_step"] == multi["state"]["global_step"] == 2 * (900 // 64)
     diff = max((single["model"][k].float() - multi["model"][k].float()).abs().max().item() for k in single["model"])
     assert diff < TOLERANCE
+    assert len(multi["rng"]) == 2  # each process's own generator states
 
-    m1 = json.loads((root / "single" / "metrics.json").read_text())
-    m2 = json.loads((run_dirs[0] / "metrics.json").read_text())
+    m1, m2 = metrics_of(user.cwd / "single"), metrics_of(run_dirs[0])
     assert m2["test_images"] == m1["test_images"] == 500  # the test split, each image once
     assert [r["val_images"] for r in m2["history"]] == [100, 100] and m2["history"][0]["train_images"] == 896
     assert m2["test_accuracy"] == pytest.approx(m1["test_accuracy"], abs=0.005)
     assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-4)
 
 
-def test_torchrun_resumes(runs, fake_md5_dir):
-    root, _ = runs
-    run_dir = next((root / "outputs").glob("*/*/.hydra")).parent
-    result = torchrun(f"resume={run_dir}", "epochs=3", cwd=root, fake_md5_dir=fake_md5_dir)
-    assert result.returncode == 0, result.stderr
+def test_torchrun_resumes(runs):
+    user, _ = runs
+    run_dir = next((user.cwd / "outputs").glob("*/*/.hydra")).parent
+    result = torchrun(user, f"resume={run_dir.relative_to(user.cwd)}", "epochs=3")
+    assert_ok(result)
     assert "Resuming from" in result.stdout
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics_of(run_dir)
     assert metrics["epochs"] == 3 and [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
 
 
-def test_global_batch_must_split_evenly(cifar_root, fake_md5_dir, tmp_path):
-    result = torchrun("batch_size=63", f"dataset.root={cifar_root}", cwd=tmp_path, fake_md5_dir=fake_md5_dir)
+def _local_main_first_worker(rank: int, path: str, port: int) -> None:
+    import os
+    import time
+
+    from resnet_train import distributed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    distributed.init_process_group(distributed.from_environment())
+    with distributed.local_main_first():
+        time.sleep(0.5 if rank == 0 else 0)  # the first process is slow: the other must still wait for it
+        with open(path, "a") as f:
+            f.write(f"{rank}\n")
+    distributed.shutdown()
+
+
+def test_downloads_happen_once_per_machine_before_the_others_read(tmp_path):
+    """local_main_first: the first process of a machine finishes (a CIFAR download, ImageNet weights)
+    before the others start on the same files."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    order = tmp_path / "order.txt"
+    mp.start_processes(_local_main_first_worker, args=(str(order), port), nprocs=2, start_method="spawn")
+    assert order.read_text().split() == ["0", "1"]
+
+
+def test_global_batch_must_split_evenly(cifar_root, run_cli):
+    result = torchrun(run_cli, "batch_size=63", f"dataset.root={cifar_root}")
     assert result.returncode != 0 and "batch_size=63 (the global batch) does not split evenly over 2" in result.stderr
 
 

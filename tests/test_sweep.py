@@ -1,58 +1,51 @@
-"""Comparing runs: sweeps with a summary, HParams per run, images and histograms in TensorBoard."""
+"""Comparing runs: sweeps with a summary (also in the default, relative sweep dir), job dirs named by
+the swept keys, HParams per run, images and histograms in TensorBoard."""
 
 import csv
 import io
-import subprocess
-import sys
-from pathlib import Path
+import textwrap
 
 import pytest
-from conftest import subprocess_env
+from conftest import Runner, assert_ok, events
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 BASE = ["model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=100", "num_workers=0"]
 
 
-def sweep(fake_md5_dir, cifar_root, sweep_dir, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "resnet-train"), "-m", *BASE,
-                           f"dataset.root={cifar_root}", f"hydra.sweep.dir={sweep_dir}", *args],
-                          env=subprocess_env(fake_md5_dir),
-                          capture_output=True, text=True, timeout=300)
-
-
-def events(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def hparams_of(acc: EventAccumulator) -> dict:
+def hparams_of(acc) -> dict:
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
     return {k: (v.string_value or v.number_value) for k, v in info.hparams.items()}
 
 
+def hparam_order(acc) -> list[str]:
+    content = acc.PluginTagToContent("hparams")["_hparams_/experiment"]
+    return [h.name for h in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.hparam_infos]
+
+
 @pytest.fixture(scope="module")
-def grid_sweep(cifar_root, fake_md5_dir, tmp_path_factory):
-    sweep_dir = tmp_path_factory.mktemp("sweep") / "grid"
-    result = sweep(fake_md5_dir, cifar_root, sweep_dir, "optim=sgd,adam", "optim.lr=0.05,0.02",
-                   "tensorboard.histograms_every_n_epochs=1")
-    assert result.returncode == 0, result.stderr
-    return sweep_dir, result
+def grid_sweep(cifar_root, tmp_path_factory):
+    """The README's sweep as typed: the default sweep dir (multirun/<date>/<time>, relative)."""
+    user = Runner(tmp_path_factory.mktemp("user"))
+    (user.cwd / "data").symlink_to(cifar_root)
+    result = user("resnet-train", "-m", *BASE, "optim=sgd,adam", "optim.lr=0.05,0.02",
+                  "tensorboard.histograms_every_n_epochs=1")
+    assert_ok(result)
+    sweep_dirs = list((user.cwd / "multirun").glob("*/*"))
+    assert len(sweep_dirs) == 1
+    return sweep_dirs[0], result
 
 
-def test_a_2x2_sweep_gives_four_named_runs_and_a_summary(grid_sweep):
+def test_a_2x2_sweep_gives_four_runs_named_by_the_swept_keys_and_a_summary(grid_sweep):
     sweep_dir, result = grid_sweep
-    job_dirs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
-    assert len(job_dirs) == 4
-    assert {tuple(sorted(o for o in p.name.split(",") if o.startswith("optim"))) for p in job_dirs} == {
-        (f"optim.lr={lr}", f"optim={o}") for o in ("sgd", "adam") for lr in ("0.05", "0.02")}  # named by overrides
+    names = sorted(p.parent.name for p in sweep_dir.glob("*/metrics.json"))
+    assert names == sorted(f"optim={o},optim.lr={lr}" for o in ("sgd", "adam") for lr in ("0.05", "0.02"))
     seen = set()
-    for job_dir in job_dirs:
-        acc = events(job_dir)
+    for name in names:
+        acc = events(sweep_dir / name)
         hp = hparams_of(acc)
+        assert hparam_order(acc)[:2] == ["optim", "optim.lr"]  # the swept keys first
         assert hp["optim"] in ("SGD", "Adam") and hp["optim.lr"] in (0.05, 0.02) and hp["model"] == "resnet20"
         assert hp["precision"] in ("bf16", "fp32") and hp["epochs"] == 1 and hp["batch_size"] == 64
         seen.add((hp["optim"], hp["optim.lr"]))
@@ -63,13 +56,15 @@ def test_a_2x2_sweep_gives_four_named_runs_and_a_summary(grid_sweep):
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
     accuracies = [float(r["best_val_accuracy"]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)
-    assert {r["overrides"] for r in rows} == {f"optim={o},optim.lr={lr}" for o in ("sgd", "adam") for lr in ("0.05", "0.02")}
+    assert {r["overrides"] for r in rows} == set(names) and {r["job_dir"] for r in rows} == set(names)
     assert "| overrides | best val acc | test acc |" in result.stdout and result.stdout.count("| optim=") == 4
+    assert f"Sweep summary (multirun/{sweep_dir.parent.name}/{sweep_dir.name}/summary.csv)" in result.stdout
+    assert "Warning" not in result.stderr and "raised" not in result.stderr
 
 
 def test_images_and_histograms(grid_sweep):
     sweep_dir, _ = grid_sweep
-    acc = events(next(sweep_dir.glob("*optim=sgd*")))
+    acc = events(next(sweep_dir.glob("optim=sgd*")))
     tags = acc.Tags()
     assert {"train/augmented_samples", "val/confusion_matrix", "test/confusion_matrix",
             "test/most_confident_mistakes"} <= set(tags["images"])
@@ -82,26 +77,44 @@ def test_images_and_histograms(grid_sweep):
     assert "weights/fc.weight" in tags["histograms"] and "gradients/layer1.0.conv1.weight" in tags["histograms"]
 
 
-def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, fake_md5_dir, tmp_path):
-    sweep_dir = tmp_path / "failing"
-    result = sweep(fake_md5_dir, cifar_root, sweep_dir, "optim.lr=0.05,nan,0.02", "tensorboard.images=false")
-    assert result.returncode != 0
-    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, run_cli):
+    result = run_cli("resnet-train", "-m", *BASE, f"dataset.root={cifar_root}", "optim.lr=0.05,nan,0.02",
+                     "tensorboard.images=false", "hydra.sweep.dir=sweep")
+    assert result.returncode == 2
+    rows = list(csv.DictReader((run_cli.cwd / "sweep" / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert rows[2]["overrides"] == "optim.lr=nan" and "optim.lr=nan is invalid" in rows[2]["error"]
     assert all(float(r["best_val_accuracy"]) > 0 for r in rows[:2])
+    assert result.stderr.strip().splitlines()[-1].startswith("error: a sweep job failed")
 
 
-def test_optuna_search(cifar_root, fake_md5_dir, tmp_path):
+def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):
+    """A job that runs out of device memory fails like any other bad job; the sweep goes on."""
+    hook = tmp_path / "oom_hook.py"
+    hook.write_text(textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        real = F.cross_entropy
+        def cross_entropy(logits, labels, *args, **kwargs):
+            if logits.requires_grad and len(labels) == 64:  # training steps of the batch_size=64 job
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(logits, labels, *args, **kwargs)
+        F.cross_entropy = cross_entropy
+    """))
+    user = Runner(tmp_path / "work", RESNET_TRAIN_TEST_HOOK=str(hook))
+    result = user("resnet-train", "-m", *[a for a in BASE if not a.startswith("batch_size")], "batch_size=64,32",
+                  f"dataset.root={cifar_root}", "tensorboard.images=false", "hydra.sweep.dir=sweep")
+    assert result.returncode == 2, result.stderr
+    rows = list(csv.DictReader((user.cwd / "sweep" / "summary.csv").open()))
+    assert [(r["overrides"], r["status"]) for r in rows] == [("batch_size=32", "ok"), ("batch_size=64", "failed")]
+    assert rows[1]["error"] == "out of memory on the device with batch_size=64; try batch_size=32"
+
+
+def test_optuna_search(cifar_root, run_cli):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweep_dir = tmp_path / "optuna"
-    result = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), "hparams_search=optuna", *BASE,
-                             "tensorboard.images=false", f"dataset.root={cifar_root}",
-                             f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.n_trials=2"],
-                            env=subprocess_env(fake_md5_dir),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    result = run_cli("resnet-train", "hparams_search=optuna", *BASE, "tensorboard.images=false",
+                     f"dataset.root={cifar_root}", "hydra.sweep.dir=optuna", "hydra.sweeper.n_trials=2")
+    assert_ok(result)
+    rows = list(csv.DictReader((run_cli.cwd / "optuna" / "summary.csv").open()))
     assert len(rows) == 2 and all("optim.lr=" in r["overrides"] and "label_smoothing=" in r["overrides"] for r in rows)
-    best = (sweep_dir / "optimization_results.yaml").read_text()
+    best = (run_cli.cwd / "optuna" / "optimization_results.yaml").read_text()
     assert f"best_value: {max(float(r['best_val_accuracy']) for r in rows)}" in best

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import subprocess_env, write_image_folder
+from conftest import Runner, assert_ok, assert_one_error, write_image_folder
 
 from resnet_train import models
-from resnet_train.models import ARCHITECTURES, ModelError
+from resnet_train.errors import ModelError
+from resnet_train.models import ARCHITECTURES
 from resnet_train.optim import param_groups
-from resnet_train.summary import summarize
+from resnet_train.commands.summary import summarize
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,13 @@ def test_pretrained_path_loads_every_backbone_tensor(torchvision_weights):
         if not key.startswith("fc."):
             assert torch.equal(own[key], value), key
     assert model.fc.weight.shape == (10, 512)  # a new classifier for this data set
+
+
+def test_stem_auto_follows_the_weights(torchvision_weights, tmp_path):
+    path, _ = torchvision_weights
+    assert models.resnet18(stem="auto", pretrained=str(path)).stem == "imagenet"  # 7x7 first convolution
+    torch.save(models.resnet18(stem="cifar").state_dict(), tmp_path / "cifar_style.pt")
+    assert models.resnet18(stem="auto", pretrained=str(tmp_path / "cifar_style.pt")).stem == "cifar"  # 3x3
 
 
 def test_pretrained_mismatches_and_offline_imagenet_are_clear(torchvision_weights, tmp_path, monkeypatch):
@@ -101,82 +109,92 @@ def test_summary_macs_match_the_known_resnet18_figure():
 
 def test_summary_cli(run_cli):
     result = run_cli("resnet-summary", "model=resnet50", "dataset.image_size=224", "model.freeze=layer3")
-    assert result.returncode == 0, result.stderr
+    assert_ok(result)
     assert "imagenet stem" in result.stdout and "GMACs" in result.stdout and "frozen" in result.stdout
     assert "parameters: 23,528,522" in result.stdout
-    bad = run_cli("resnet-summary", "model=resnet19")
-    assert bad.returncode == 2 and "resnet19" in bad.stderr and "Traceback" not in bad.stderr
+    assert_one_error(run_cli("resnet-summary", "model=resnet19"), "model=resnet19: no such option")
 
 
-def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, cifar_root, run_cli, tmp_path):
+def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, cifar_root, run_cli):
     path, state = torchvision_weights
-    run_dir = tmp_path / "probe"
-    result = run_cli("resnet-train", "model=resnet18", f"model.pretrained={path}", "model.stem=imagenet",
-                     "model.freeze=backbone", "epochs=1", "batch_size=64", "dataset.val_size=100", "tensorboard.images=false",
-                     f"dataset.root={cifar_root}", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
-    assert "5,130 trainable (model.freeze=backbone)" in result.stdout
-    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    initial = models.resnet18(num_classes=10, stem="imagenet", pretrained=str(path)).fc.weight.detach().clone()
+    result = run_cli("resnet-train", "model=resnet18", f"model.pretrained={path}", "model.freeze=backbone",
+                     "dataset.image_size=72", "epochs=1", "batch_size=64", "dataset.val_size=100",
+                     "tensorboard.images=false", f"dataset.root={cifar_root}", "hydra.run.dir=probe")
+    assert_ok(result)  # model.stem=auto followed the weights (7x7 first convolution: imagenet stem)
+    assert "5,130 trainable (model.freeze=backbone)" in result.stdout and "resnet18 (imagenet stem)" in result.stdout
+    ckpt = torch.load(run_cli.cwd / "probe" / "checkpoints" / "last.pt", weights_only=True)
     for key, value in state.items():
         if not key.startswith("fc."):
             assert torch.equal(ckpt["model"][key], value), key  # weights and BN running statistics untouched
-    assert not torch.equal(ckpt["model"]["fc.weight"], models.resnet18(stem="imagenet").fc.weight)
+    torch.manual_seed(0)
+    assert not torch.equal(ckpt["model"]["fc.weight"], initial)  # the classifier (same seed, same init) trained
     assert len(ckpt["optimizer"]["state"]) == 2  # fc.weight and fc.bias only
 
 
-def test_pretrained_config_errors_before_any_work(run_cli, tmp_path):
-    for args, message in [(["model=resnet20", "model.pretrained=imagenet"], "ImageNet weights for resnet18..152"),
-                          (["model.pretrained=/no/such/file.pth", "model.stem=imagenet"], "no such file"),
-                          (["model.pretrained=imagenet"], "needs model.stem=imagenet")]:
-        result = run_cli("resnet-train", *args, f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
-        assert result.returncode == 2 and message in result.stderr, result.stderr
-        assert not (tmp_path / "run").exists()
+def test_imagenet_weights_offline_from_the_torch_home_cache(cifar_root, tmp_path):
+    """model.pretrained=imagenet with stem=auto on 32px images: torchvision's file from $TORCH_HOME
+    (no network here), the imagenet stem it was trained with, and a one-time warning about 32px."""
+    torch.manual_seed(2)
+    weights = torchvision.models.resnet18(num_classes=1000).state_dict()
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(weights, cache / "resnet18-f37072fd.pth")
+    user = Runner(tmp_path / "work", TORCH_HOME=str(tmp_path / "torch-home"))
+    result = user("resnet-train", "model.pretrained=imagenet", "epochs=1", "batch_size=64", "dataset.val_size=100",
+                  "tensorboard.images=false", "num_workers=0", f"dataset.root={cifar_root}", "hydra.run.dir=ft")
+    assert_ok(result)
+    assert "resnet18 (imagenet stem)" in result.stdout and result.stdout.count("dataset.image_size=224") == 1
+    ckpt = torch.load(user.cwd / "ft" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["config"]["model"]["stem"] == "imagenet" and ckpt["model"]["conv1.weight"].shape[-1] == 7
+    missing = Runner(tmp_path / "offline", TORCH_HOME=str(tmp_path / "empty-home"))
+    assert_one_error(missing("resnet-train", "model.pretrained=imagenet", f"dataset.root={cifar_root}",
+                             "dataset.val_size=100", "epochs=1"),
+                     "resnet18-f37072fd.pth", "empty-home/hub/checkpoints")
 
 
 @pytest.fixture(scope="module")
-def folder_run(tmp_path_factory, fake_md5_dir):
-    import subprocess
-    import sys
+def folder_run(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("pets"), {"train": 300, "test": 120}, num_classes=4)
-    run_dir = root.parent / "run"
-    result = subprocess.run([str(Path(sys.executable).parent / "resnet-train"), "model=resnet20", "epochs=2",
-                             "batch_size=32", "optim.lr=0.05", "dataset=image_folder", f"dataset.root={root}",
-                             "dataset.val_size=0.2", "num_workers=0", "tensorboard.images=false", f"hydra.run.dir={run_dir}"],
-                            env=subprocess_env(fake_md5_dir), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return root, run_dir
+    user = Runner(root.parent / "user")
+    assert_ok(user("resnet-train", "model=resnet20", "epochs=2", "batch_size=32", "optim.lr=0.05", "dataset=image_folder",
+                   f"dataset.root={root}", "dataset.val_size=0.2", "num_workers=0", "tensorboard.images=false",
+                   "hydra.run.dir=run"))
+    return root, user.cwd / "run"
 
 
-def test_predictions_agree_with_eval(folder_run, run_cli, tmp_path):
+def test_predictions_agree_with_eval(folder_run, run_cli):
     root, run_dir = folder_run
-    evaluated = run_cli("resnet-eval", f"checkpoint={run_dir}", f"output={tmp_path / 'eval.json'}")
-    assert evaluated.returncode == 0, evaluated.stderr
-    accuracy = json.loads((tmp_path / "eval.json").read_text())["accuracy"]
+    assert_ok(run_cli("resnet-eval", f"checkpoint={run_dir}", "output=eval.json"))
+    accuracy = json.loads((run_cli.cwd / "eval.json").read_text())["accuracy"]
 
-    out = tmp_path / "predictions.csv"
-    result = run_cli("resnet-predict", f"checkpoint={run_dir}", f"inputs=[{root / 'test'}]", "topk=3", f"output={out}")
-    assert result.returncode == 0, result.stderr
-    rows = list(csv.DictReader(out.open()))
+    result = run_cli("resnet-predict", f"checkpoint={run_dir}", f"inputs=[{root / 'test'}]", "topk=3")
+    assert_ok(result)
+    rows = list(csv.DictReader((run_cli.cwd / "predictions.csv").open()))  # the default output, here
     assert len(rows) == 120 and list(rows[0]) == ["file", "class_1", "probability_1", "class_2", "probability_2",
                                                   "class_3", "probability_3"]
     correct = sum(Path(r["file"]).parent.name == r["class_1"] for r in rows)
     assert correct / len(rows) == pytest.approx(accuracy)
     assert all(float(r["probability_1"]) >= float(r["probability_2"]) >= float(r["probability_3"]) for r in rows)
     assert "120 image(s) predicted, 0 skipped" in result.stdout
+    fp32 = run_cli("resnet-predict", f"checkpoint={run_dir}", f"inputs=[{root / 'test'}]", "precision=fp32",
+                   "output=fp32.csv")
+    assert_ok(fp32)
+    same = [r["class_1"] for r in csv.DictReader((run_cli.cwd / "fp32.csv").open())]
+    assert sum(a == r["class_1"] for a, r in zip(same, rows)) >= 0.95 * len(rows)
 
 
-def test_predict_reports_and_skips_unreadable_files(folder_run, run_cli, tmp_path):
+def test_predict_reports_and_skips_unreadable_files(folder_run, run_cli):
     root, run_dir = folder_run
-    (tmp_path / "notes.txt").write_text("not an image")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    (run_cli.cwd / "notes.txt").write_text("not an image")
+    (run_cli.cwd / "broken.png").write_bytes(b"\x89PNG broken")
     image = next((root / "test").rglob("*.png"))
     result = run_cli("resnet-predict", f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
-                     f"inputs=[{image},{tmp_path / 'notes.txt'},{tmp_path / 'broken.png'},{tmp_path / 'missing.jpg'}]",
-                     f"output={tmp_path / 'p.csv'}")
+                     f"inputs=[{image},notes.txt,broken.png,missing.jpg]", "output=p.csv")
     assert result.returncode == 1
     assert "1 image(s) predicted, 3 skipped" in result.stdout
     for name in ("notes.txt", "broken.png", "missing.jpg"):
         assert name in result.stderr
     assert "Traceback" not in result.stderr
-    assert len(list(csv.DictReader((tmp_path / "p.csv").open()))) == 1
-    assert run_cli("resnet-predict", f"checkpoint={tmp_path}", "inputs=[x.png]").returncode == 2
+    assert len(list(csv.DictReader((run_cli.cwd / "p.csv").open()))) == 1
+    assert_one_error(run_cli("resnet-predict", "checkpoint=.", "inputs=[x.png]"), "no checkpoint at")

@@ -17,7 +17,6 @@ With `tensorboard.histograms_every_n_epochs` (HISTOGRAMS tab): weights/<name>, g
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -30,27 +29,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import custom_scalars, hparams
 from torchvision.utils import make_grid
 
-from .checkpoint import atomic_write
+from .files import finite, write_json
 
 log = logging.getLogger("resnet_train")
 
 # Final metrics shown in TensorBoard's HPARAMS tab (as scalars named metrics/<key>).
 HPARAM_METRICS = ("best_val_accuracy", "test_accuracy", "test_loss", "val_accuracy", "train_loss", "train_accuracy")
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a reader (or a crash) never sees half a file."""
-    text = json.dumps(data, indent=2, allow_nan=False, default=_json_default) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _json_default(value: Any) -> Any:
-    raise TypeError(f"not JSON serializable: {value!r}")
-
-
-def _finite_values(row: dict) -> dict:
-    """JSON has no NaN: a diverged run's non-finite numbers are written as null."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 def denormalize(images: torch.Tensor, mean: list[float] | None, std: list[float] | None) -> torch.Tensor:
@@ -201,8 +185,7 @@ class RunLogger:
         self.writer.flush()
 
     def write_metrics(self, metrics: dict, history: list[dict]) -> None:
-        write_json(self.run_dir / "metrics.json",
-                   {**_finite_values(metrics), "history": [_finite_values(row) for row in history]})
+        write_json(self.run_dir / "metrics.json", finite({**metrics, "history": history}))
 
     def finish(self, metrics: dict, history: list[dict], step: int) -> None:
         for key in HPARAM_METRICS:

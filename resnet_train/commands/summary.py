@@ -1,12 +1,17 @@
-"""A per-layer table of a model (`resnet-summary`), as torchsummary prints it in the tutorials:
-output shape, parameters, trainable or frozen, and multiply-accumulates per image."""
+"""resnet-summary: a per-layer table of a model, as torchsummary prints it in the tutorials: output
+shape, parameters, trainable or frozen, and multiply-accumulates per image."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
+
+from ..build import build_model, model_from_checkpoint
+from ..config import arch_of, compose_train, validate
 
 
 @dataclass
@@ -75,3 +80,27 @@ def format_table(rows: list[LayerRow], model: nn.Module, image_size: int) -> str
               f"multiply-accumulates per image: {macs:,} ({macs / 1e9:.2f} GMACs)",
               f"parameter memory: {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:.1f} MiB"]
     return "\n".join(lines)
+
+
+def summary_table(args: list[str]) -> str:
+    """The table for a checkpoint (`checkpoint=PATH`) or for the model any resnet-train keys describe."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("checkpoint=")]
+    if given:
+        trained = model_from_checkpoint(given[-1], "cpu", "fp32", channels_last=False)
+        cfg, model = trained.config, trained.model
+    else:
+        cfg = compose_train(args)
+        cfg.model.pretrained = None  # the table needs the shapes, not the weights
+        validate(cfg)
+        model = build_model(cfg, _num_classes(cfg), torch.device("cpu"), load_pretrained=False)
+    num_classes, image_size = model.fc.out_features, cfg.dataset.image_size
+    header = (f"{arch_of(cfg)} ({cfg.model.stem} stem, {num_classes} classes, "
+              f"model.freeze={cfg.model.freeze}), {image_size}x{image_size} input\n")
+    return header + format_table(summarize(model, image_size), model, image_size)
+
+
+def _num_classes(cfg: DictConfig) -> int:
+    from ..data import list_image_folder
+
+    known = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset.name)
+    return known or len(list_image_folder(Path(cfg.dataset.root).expanduser() / "train")[1])

@@ -1,18 +1,23 @@
-"""Class predictions for image files with a trained checkpoint (`resnet-predict`)."""
+"""resnet-predict: the top-k classes of image files, with a trained model's class names and preprocessing."""
 
 from __future__ import annotations
 
 import csv
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .checkpoint import atomic_write
-from .data import BatchTransform, DataError, decode_resized
-from .device import Precision
+from ..build import model_from_checkpoint, use_channels_last
+from ..config import positive_int
+from ..data import BatchTransform, decode_resized
+from ..device import Precision
+from ..errors import ConfigError, DataError
+from ..files import atomic_write
 
 
 @dataclass
@@ -71,3 +76,29 @@ def write_csv(path: Path, predictions: list[Prediction], topk: int) -> None:
     for p in predictions:
         writer.writerow([str(p.path)] + [v for c, pr in zip(p.classes, p.probabilities) for v in (c, f"{pr:.6f}")])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def predict(cfg: DictConfig) -> int:
+    """Top-k predictions for files and folders; returns the exit status (1 if any input was unreadable)."""
+    inputs = list(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else [str(cfg.inputs)]
+    for key in ("topk", "batch_size"):
+        if not positive_int(cfg[key]):
+            raise ConfigError(f"{key}={cfg[key]!r} is invalid: expected a positive integer")
+    trained = model_from_checkpoint(cfg.checkpoint, cfg.device, cfg.precision)
+    norm = trained.checkpoint["normalization"]
+    transform = BatchTransform(norm["mean"], norm["std"], output_size=norm["image_size"],
+                               channels_last=use_channels_last("auto", trained.device))
+    files, skipped = collect_files(inputs)
+    predictions, unreadable = predict_files(trained.model, files, trained.classes, transform,
+                                            norm.get("stored_size", norm["image_size"]), trained.precision,
+                                            trained.device, cfg.batch_size, cfg.topk)
+    skipped += unreadable
+    width = max((len(str(p.path)) for p in predictions), default=10)
+    for p in predictions:
+        print(f"{str(p.path):<{width}}  " + "  ".join(f"{c} {pr:.3f}" for c, pr in zip(p.classes, p.probabilities)))
+    for item, reason in skipped:
+        print(f"skipped {item}: {reason}", file=sys.stderr)
+    output = Path(cfg.output)
+    write_csv(output, predictions, min(cfg.topk, len(trained.classes)))
+    print(f"\n{len(predictions)} image(s) predicted, {len(skipped)} skipped; wrote {output}")
+    return 1 if skipped or not predictions else 0

@@ -1,0 +1,232 @@
+"""A config turned into the objects of a run: device and precision, data, model, optimizer and
+schedule -- and `model_from_checkpoint`, the one way every command gets a trained model onto a
+device.
+
+Plain functions of a (checked) config; the commands call them in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import device as devices
+from . import distributed
+from .config import arch_of, stem_of
+from .data import Data, Shard, build_data
+from .device import Precision
+from .errors import ConfigError
+from .optim import Scheduler, build_optimizer
+
+log = logging.getLogger("resnet_train")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def pick_device_and_precision(device: str, precision: str, local_rank: int = 0) -> tuple[torch.device, Precision]:
+    """The device to run on and the precision resolved *there* (a checkpoint's stored precision
+    is not reused: an fp16 GPU run evaluates in fp32 or bf16 on a CPU). With several processes
+    on a machine (`local_rank`), device=auto|cuda means each its own GPU."""
+    chosen = devices.pick_device(device)
+    if chosen.type == "cuda" and local_rank and device in ("auto", "cuda"):
+        chosen = devices.pick_device(f"cuda:{local_rank % devices.cuda_device_count()}")
+    return chosen, devices.Precision(devices.pick_precision(precision, chosen), chosen.type)
+
+
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """channels_last=auto: on for CUDA and CPUs (faster convolutions), off on Apple MPS, where its
+    convolutions have been slower and, in some macOS versions, wrong."""
+    return device.type != "mps" if setting == "auto" else bool(setting)
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN picks the fastest convolution algorithms for our static shapes (benchmark), unless the
+    run must be repeatable on the GPU (deterministic=true), which also asks torch and cuBLAS for
+    deterministic kernels."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+
+
+def load_data(cfg: DictConfig, device: torch.device, shard: Shard = Shard(), **overrides: Any) -> Data:
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset.update(overrides)
+    with distributed.local_main_first():  # one process per machine downloads, the others read its files
+        return build_data(
+            **dataset, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+            device=device, seed=cfg.seed, num_workers=cfg.num_workers,
+            channels_last=use_channels_last(cfg.channels_last, device), shard=shard, log=log.info)
+
+
+def build_model(cfg: DictConfig, num_classes: int, device: torch.device, load_pretrained: bool = True) -> torch.nn.Module:
+    """The configured model on `device`; `load_pretrained=False` skips model.pretrained (when the
+    weights come from a checkpoint anyway). Sets cfg.model.stem to the stem it resolved to."""
+    stem = stem_of(cfg)
+    pretrained = cfg.model.pretrained if load_pretrained else None
+    if pretrained and stem == "imagenet" and cfg.dataset.image_size <= 64:
+        log.warning(f"model.pretrained: the weights' imagenet stem (7x7/2 conv + max-pool) shrinks "
+                    f"{cfg.dataset.image_size}px images 4x before the first block; fine-tuning recipes resize "
+                    "to dataset.image_size=224 (see experiment=finetune_resnet18)")
+    args = _model_args(cfg)
+    if stem == "auto" and not pretrained:
+        stem = "cifar" if cfg.dataset.image_size <= 64 else "imagenet"
+    with distributed.local_main_first():  # ImageNet weights: fetched once per machine
+        model = _instantiate({**args, "stem": stem, "pretrained": pretrained}, num_classes=num_classes)
+    cfg.model.stem = model.stem
+    memory_format = torch.channels_last if use_channels_last(cfg.channels_last, device) else torch.contiguous_format
+    return model.to(device, memory_format=memory_format)
+
+
+def _model_args(cfg: DictConfig) -> dict:
+    """The model factory's arguments (sync_bn is applied when wrapping the model for training)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "sync_bn"}
+
+
+def _instantiate(config: dict, **kwargs: Any) -> Any:
+    """hydra's instantiate, with our own errors raised as themselves (Hydra wraps what the target raises)."""
+    from hydra.errors import InstantiationException
+
+    from .errors import UserError
+
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
+def _optimizer_args(cfg: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg.optim, resolve=True).items()
+            if k not in ("decay_norm_and_bias", "backbone_lr_scale")}
+
+
+def build_optimizer_and_scheduler(cfg: DictConfig, model: torch.nn.Module, steps_per_epoch: int,
+                                  device: torch.device) -> tuple[torch.optim.Optimizer, Scheduler]:
+    args = _optimizer_args(cfg)
+    if device.type == "cuda" and "fused" not in args and _takes(args["_target_"], "fused"):
+        args["fused"] = True  # one kernel for the whole update instead of one per tensor
+    try:
+        optimizer = build_optimizer(model, instantiate(args), cfg.optim.get("weight_decay", 0.0),
+                                    cfg.optim.get("decay_norm_and_bias", True), cfg.optim.get("backbone_lr_scale", 1.0),
+                                    cfg.optim.lr)
+        schedule = instantiate({k: v for k, v in cfg.scheduler.items() if k != "warmup_epochs"})(epochs=cfg.epochs)
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:  # an argument they do not take or accept
+        raise _rejected(cfg, e) from None
+    return optimizer, Scheduler(optimizer, schedule, steps_per_epoch, cfg.scheduler.warmup_epochs)
+
+
+def _rejected(cfg: DictConfig, e: Exception) -> ConfigError:
+    """Name the optimizer or schedule and the arguments it was given, and its complaint."""
+    group = "scheduler" if "schedul" in str(e) or "epochs" in str(e) else "optim"
+    args = ", ".join(f"{k}={v}" for k, v in OmegaConf.to_container(cfg[group]).items() if not k.startswith("_"))
+    return ConfigError(f"{group}: {cfg[group]._target_.rsplit('.', 1)[-1]}({args}) does not work: "
+                       f"{str(e).strip().splitlines()[0]}")
+
+
+def _takes(target: str, argument: str) -> bool:
+    import inspect
+
+    from hydra.utils import get_class
+
+    try:
+        return argument in inspect.signature(get_class(target)).parameters
+    except Exception:
+        return False
+
+
+def check_buildable(cfg: DictConfig) -> None:
+    """Build the optimizer and schedule for one dummy parameter: an argument the optimizer does not
+    take (`+optim.foo=1`) or rejects (`optim.betas=[0.9]`) fails now, before any data is read."""
+    dummy = torch.nn.Linear(1, 1)
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, dummy, 1, torch.device("cpu"))
+    try:
+        dummy(torch.zeros(1, 1)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise _rejected(cfg, e) from None
+
+
+def check_weights_fit(ckpt: dict, source: str) -> None:
+    """The checkpoint's weights fit the model its own config describes (built on the meta device:
+    no memory, no time), so a damaged or edited file is refused before any data is read."""
+    from .checkpoint import check_model_state
+
+    cfg = OmegaConf.create(ckpt["config"])
+    with torch.device("meta"):
+        model = _instantiate({**_model_args(cfg), "pretrained": None}, num_classes=len(ckpt["classes"]))
+    check_model_state(model, ckpt["model"], source)
+
+
+def wrap_for_training(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel when several processes train, then torch.compile if asked."""
+    if distributed.active():
+        if cfg.model.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if cfg.compile else model
+
+
+# --------------------------------------------------------------------------------------------
+# A trained model, from its checkpoint, on this machine's device
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainedModel:
+    model: torch.nn.Module  # in eval mode, on `device`
+    checkpoint: dict  # the file's contents (config, classes, normalization, ...)
+    path: Path
+    config: DictConfig  # the run's config
+    device: torch.device
+    precision: Precision  # resolved on `device`
+
+    @property
+    def classes(self) -> list[str]:
+        return self.checkpoint["classes"]
+
+
+def model_from_checkpoint(path: str | Path, device: str = "auto", precision: str = "auto",
+                          channels_last: bool | str = "auto", loaded: dict | None = None) -> TrainedModel:
+    """The model of a checkpoint (a .pt file, or a run dir: its best.pt) on `device`, with
+    precision and memory format resolved on that device, not taken from the training machine: a
+    checkpoint written on cuda:3 in fp16 loads and runs on a CPU-only laptop. `loaded`: the
+    file's contents when the caller has read it already."""
+    from .checkpoint import load_checkpoint, load_model_state
+    from .runs import find_checkpoint
+
+    path = find_checkpoint(str(path), "best.pt")
+    ckpt = loaded if loaded is not None else load_checkpoint(path)
+    cfg = OmegaConf.create(ckpt["config"])
+    torch_device, resolved = pick_device_and_precision(device, precision)
+    cfg.channels_last = channels_last
+    model = build_model(cfg, len(ckpt["classes"]), torch_device, load_pretrained=False)
+    load_model_state(model, ckpt["model"], str(path))
+    return TrainedModel(model.eval(), ckpt, path, cfg, torch_device, resolved)
+
+
+def describe_model(cfg: DictConfig, model: torch.nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"{arch_of(cfg)} ({cfg.model.stem} stem), {total:,} parameters"
+            + (f", {trainable:,} trainable (model.freeze={cfg.model.freeze})" if cfg.model.freeze != "none" else "")
+            + (f", backbone from {cfg.model.pretrained}" if cfg.model.pretrained else ""))

@@ -1,0 +1,69 @@
+"""resnet-eval: a checkpoint's loss, accuracy, per-class accuracy and confusion matrix on a split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ..build import load_data, model_from_checkpoint
+from ..checkpoint import check_classes, load_checkpoint
+from ..config import apply_command_line, compose_train, validate
+from ..device import describe
+from ..engine import evaluate
+from ..errors import ConfigError, DataError
+from ..files import write_json
+from ..runs import find_checkpoint, run_dir_of
+
+# Where and how the training run ran says nothing about where it is evaluated: these start from
+# `auto` again (resolved on this machine) unless given on resnet-eval's command line.
+MACHINE_KEYS = {"device": "auto", "precision": "auto", "channels_last": "auto", "compile": False}
+
+
+def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
+    """Evaluate `cfg.checkpoint` on `cfg.split`; `training_overrides` replace keys of the run's
+    config (data location, device, batch size; not the model). Writes and returns the report."""
+    if cfg.split not in ("test", "val"):
+        raise ConfigError(f"split={cfg.split!r} is invalid: expected test or val")
+    checkpoint = find_checkpoint(cfg.checkpoint, "best.pt")
+    ckpt = load_checkpoint(checkpoint)
+    run_cfg = apply_command_line({**ckpt["config"], **MACHINE_KEYS}, compose_train(training_overrides),
+                                 compose_train([]), training_overrides, lambda key: not key.startswith("model"),
+                                 "the model is fixed by the checkpoint")
+    validate(run_cfg)
+    trained = model_from_checkpoint(checkpoint, run_cfg.device, run_cfg.precision, run_cfg.channels_last, ckpt)
+    norm = ckpt["normalization"]
+    data = load_data(run_cfg, trained.device, mean=norm["mean"], std=norm["std"])
+    check_classes(trained.classes, data.classes, str(checkpoint))
+    loader = data.test if cfg.split == "test" else data.val
+    if loader is None:
+        raise DataError(f"dataset {run_cfg.dataset.name} at {run_cfg.dataset.root} has no {cfg.split} split")
+    result = evaluate(trained.model, loader, trained.precision, len(data.classes), desc=cfg.split,
+                      progress=run_cfg.progress)
+
+    print(f"checkpoint {checkpoint} (epoch {ckpt.get('state', {}).get('epoch', '?')}), "
+          f"{cfg.split} split: {result.images:,} images on {describe(trained.device)}, precision {trained.precision.name}")
+    print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.2%}\n")
+    print(format_per_class(data.classes, result.per_class_accuracy, result.confusion))
+    report = {"checkpoint": str(checkpoint), "split": cfg.split, "images": result.images,
+              "loss": result.loss, "accuracy": result.accuracy, "classes": data.classes,
+              "per_class_accuracy": dict(zip(data.classes, result.per_class_accuracy)),
+              "confusion_matrix": result.confusion.tolist()}
+    output = Path(cfg.output) if cfg.output else run_dir_of(checkpoint) / "eval.json"
+    write_json(output, report)
+    print(f"\nwrote {output}")
+    return report
+
+
+def format_per_class(classes: list[str], accuracy: list[float], confusion: torch.Tensor) -> str:
+    """Per-class accuracy and the confusion matrix (rows: true class, columns: predicted) as text."""
+    width = max(5, *(len(c) for c in classes)) + 4
+    cell = max(4, len(str(int(confusion.max()))) + 1)
+    lines = [f"{'class':<{width}}  accuracy"]
+    lines += [f"{f'{i:>2} {c}':<{width}}  {a:8.2%}" for i, (c, a) in enumerate(zip(classes, accuracy))]
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class, numbered as above)"]
+    lines += [" " * width + "".join(f"{j:>{cell}}" for j in range(len(classes)))]
+    lines += [f"{f'{i:>2} {c}':<{width}}" + "".join(f"{int(n):>{cell}}" for n in row)
+              for i, (c, row) in enumerate(zip(classes, confusion))]
+    return "\n".join(lines)

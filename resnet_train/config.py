@@ -1,0 +1,370 @@
+"""The config schema and its checks: every key a run understands, in one table.
+
+`KEYS` names each key of the composed training config with the test its value must pass and its
+role. Everything else is derived from it, never listed again: `validate` (types, ranges, unknown
+keys), `RESUMABLE` (keys a resumed run may change), the HParams shown in TensorBoard, and the
+comparison of a resume command line with the run it continues.
+
+The optimizer and scheduler groups are open: any constructor argument of the optimizer or schedule
+can be set, so their extra keys are checked by building them (`build.check_buildable`), not here.
+Only this module and `cli.py` know Hydra; nothing here imports torch (config errors answer in
+milliseconds).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+CONFIG_MODULE = "resnet_train.configs"
+CIFAR_FAMILY = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+FREEZE_POINTS = ("none", "backbone", "stem", "layer1", "layer2", "layer3", "layer4")
+
+
+# --------------------------------------------------------------------------------------------
+# Value tests
+# --------------------------------------------------------------------------------------------
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool): inf and nan are never valid settings."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_int(v: Any) -> bool:
+    return is_int(v) and v >= 1
+
+
+def non_negative_int(v: Any) -> bool:
+    return is_int(v) and v >= 0
+
+
+def boolean(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> Callable[[Any], bool]:
+    return lambda v: is_number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+
+
+def positive_number(v: Any) -> bool:
+    return is_number(v) and v > 0
+
+
+def optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or test(v)
+
+
+def three_numbers(positive: bool) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and len(v) == 3 and all(is_number(x) and (x > 0 or not positive) for x in v)
+
+
+def increasing_epochs(v: Any) -> bool:
+    return isinstance(v, list) and all(is_number(x) and x > 0 for x in v) and v == sorted(v)
+
+
+# --------------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: what its value must be, and what role it plays."""
+
+    test: Callable[[Any], bool]
+    expected: str  # said in the error when the test fails
+    resumable: bool = False  # may differ when resuming: where, how fast or how long the run goes
+    hparam: str | None = None  # its name in TensorBoard's HPARAMS tab
+    required: bool = True  # False: only checked where the chosen option has it (optimizer arguments)
+
+
+YES_NO = "true or false"
+KEYS: dict[str, Key] = {
+    # the run
+    "epochs": Key(positive_int, "a positive integer", resumable=True, hparam="epochs"),
+    "batch_size": Key(positive_int, "a positive integer", hparam="batch_size"),
+    "eval_batch_size": Key(optional(positive_int), "a positive integer or null", resumable=True),
+    "seed": Key(non_negative_int, "a non-negative integer", hparam="seed"),
+    "label_smoothing": Key(number_in(0, 1), "a number in [0, 1)", hparam="label_smoothing"),
+    "resume": Key(optional(lambda v: isinstance(v, str) and v != ""), "a checkpoint, a run dir or latest"),
+    # where and how fast it runs
+    "device": Key(lambda v: isinstance(v, str), "auto, cpu, cuda, cuda:N or mps", resumable=True),
+    "precision": Key(one_of("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16", resumable=True),
+    "channels_last": Key(one_of("auto", True, False), "auto, true or false", resumable=True),
+    "compile": Key(boolean, YES_NO, resumable=True),
+    "deterministic": Key(boolean, YES_NO, resumable=True),
+    "num_workers": Key(non_negative_int, "a non-negative integer", resumable=True),
+    "progress": Key(optional(boolean), "true, false or null", resumable=True),
+    "log_every_n_steps": Key(positive_int, "a positive integer", resumable=True),
+    "checkpoint.every_n_steps": Key(non_negative_int, "a non-negative integer", resumable=True),
+    "tensorboard.images": Key(boolean, YES_NO, resumable=True),
+    "tensorboard.confusion_every_n_epochs": Key(non_negative_int, "a non-negative integer", resumable=True),
+    "tensorboard.histograms_every_n_epochs": Key(non_negative_int, "a non-negative integer", resumable=True),
+    "tensorboard.mistakes": Key(non_negative_int, "a non-negative integer", resumable=True),
+    # the model
+    "model._target_": Key(lambda v: isinstance(v, str), "a model factory", hparam="model"),
+    "model.stem": Key(one_of("auto", "cifar", "imagenet"), "auto, cifar or imagenet", hparam="stem"),
+    "model.dropout": Key(number_in(0, 1), "a number in [0, 1)", hparam="dropout"),
+    "model.zero_init_residual": Key(boolean, YES_NO),
+    "model.pretrained": Key(optional(lambda v: isinstance(v, str) and v != ""), "null, imagenet or a file path"),
+    "model.freeze": Key(one_of(*FREEZE_POINTS), "none, backbone, stem or layer1..layer4"),
+    "model.sync_bn": Key(boolean, YES_NO),
+    # the data
+    "dataset.name": Key(one_of("cifar10", "cifar100", "image_folder"), "cifar10, cifar100 or image_folder",
+                        hparam="dataset"),
+    "dataset.root": Key(lambda v: isinstance(v, str) and v != "", "a directory path", resumable=True),
+    "dataset.download": Key(boolean, YES_NO, resumable=True),
+    "dataset.image_size": Key(lambda v: is_int(v) and v >= 8, "an integer >= 8 (pixels)", hparam="image_size"),
+    "dataset.normalize": Key(boolean, YES_NO),
+    "dataset.mean": Key(optional(three_numbers(positive=False)), "null or a list of 3 numbers"),
+    "dataset.std": Key(optional(three_numbers(positive=True)), "null or a list of 3 positive numbers"),
+    "dataset.augment.crop_padding": Key(non_negative_int, "a non-negative integer (pixels)"),
+    "dataset.augment.hflip": Key(boolean, YES_NO),
+    "dataset.val_size": Key(lambda v: non_negative_int(v) or (isinstance(v, float) and 0 < v < 1),
+                            "a count >= 0 or a fraction between 0 and 1"),
+    "dataset.split_seed": Key(non_negative_int, "a non-negative integer"),
+    "dataset.loader": Key(one_of("auto", "memory", "stream"), "auto, memory or stream", resumable=True),
+    # the optimizer (open group: these are checked where the chosen optimizer has them)
+    "optim._target_": Key(lambda v: isinstance(v, str), "an optimizer class", hparam="optim"),
+    "optim.lr": Key(positive_number, "a positive number", hparam="optim.lr"),
+    "optim.weight_decay": Key(number_in(0, math.inf), "a number >= 0", hparam="optim.weight_decay", required=False),
+    "optim.momentum": Key(number_in(0, 1), "a number in [0, 1)", hparam="optim.momentum", required=False),
+    "optim.decay_norm_and_bias": Key(boolean, YES_NO, required=False),
+    "optim.backbone_lr_scale": Key(positive_number, "a positive number", required=False),
+    # the schedule (open group)
+    "scheduler._target_": Key(lambda v: isinstance(v, str), "a schedule", hparam="scheduler"),
+    "scheduler.warmup_epochs": Key(number_in(0, math.inf), "a number of epochs >= 0", hparam="warmup_epochs"),
+    "scheduler.milestones": Key(increasing_epochs, "an increasing list of epochs", required=False),
+    "scheduler.step_size": Key(positive_number, "a positive number of epochs", required=False),
+    "scheduler.gamma": Key(number_in(0, 1, low_open=True, high_open=False), "a number in (0, 1]", required=False),
+    "scheduler.factor": Key(number_in(0, 1, low_open=True), "a number in (0, 1)", required=False),
+    "scheduler.patience": Key(non_negative_int, "a non-negative integer", required=False),
+    "scheduler.pct_start": Key(number_in(0, 1, low_open=True), "a number in (0, 1)", required=False),
+}
+OPEN_GROUPS = ("optim", "scheduler")  # any constructor argument may be added (+optim.betas=...)
+RESUMABLE = frozenset(k for k, v in KEYS.items() if v.resumable)
+
+_ABSENT = object()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key that is unknown, missing, mistyped or out of range."""
+    for path, value in leaves(cfg).items():
+        if path not in KEYS and path.split(".")[0] not in OPEN_GROUPS:
+            raise ConfigError(unknown_key_message(path, value))
+    for path, key in KEYS.items():
+        try:
+            value = OmegaConf.select(cfg, path, default=_ABSENT, throw_on_missing=True)
+        except OmegaConfBaseException:
+            raise ConfigError(f"{path} is required (e.g. {path}=...)") from None
+        if value is _ABSENT:
+            if key.required:
+                raise ConfigError(f"{path} is required (e.g. {path}=...)")
+            continue
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        if not key.test(value):
+            raise ConfigError(f"{path}={value!r} is invalid: expected {key.expected}")
+    for group in OPEN_GROUPS:  # arguments without a rule still must be numbers, booleans or lists of them
+        for name, value in cfg[group].items():
+            items = value if OmegaConf.is_list(value) else [value]
+            if not name.startswith("_") and not all(is_number(v) or isinstance(v, bool) for v in items):
+                raise ConfigError(f"{group}.{name}={value!r} is invalid: expected a finite number")
+    check_model_options(cfg)
+
+
+def leaves(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a config as {dotted.path: value} (lists are leaves), without hydra's node."""
+    node = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    out = {}
+    for name, value in node.items():
+        path = f"{prefix}{name}"
+        if path == "hydra":
+            continue
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def unknown_key_message(path: str, value: Any) -> str:
+    close = difflib.get_close_matches(path, KEYS, n=1)
+    hint = f"; did you mean {close[0]}?" if close else "; `resnet-train --help` lists the keys"
+    return f"{path}={value}: resnet-train has no key {path}{hint}"
+
+
+def arch_of(cfg: DictConfig | dict) -> str:
+    """The model's architecture name, e.g. resnet20 (from its factory's `_target_`)."""
+    return cfg["model"]["_target_"].rsplit(".", 1)[-1]
+
+
+def check_model_options(cfg: DictConfig) -> None:
+    """What the model's family allows: ImageNet weights and a layer4 exist for resnet18..152 only."""
+    arch = arch_of(cfg)
+    if arch in CIFAR_FAMILY and cfg.model.freeze == "layer4":
+        raise ConfigError(f"model.freeze=layer4: {arch} has three stages (layer1..layer3)")
+    pretrained = cfg.model.pretrained
+    if pretrained == "imagenet" and arch in CIFAR_FAMILY:
+        raise ConfigError(f"model.pretrained=imagenet: torchvision has ImageNet weights for resnet18..152, not {arch}")
+    if pretrained not in (None, "imagenet") and not Path(pretrained).expanduser().is_file():
+        raise ConfigError(f"model.pretrained={pretrained}: no such file (expected imagenet or a state dict file)")
+    if pretrained == "imagenet" and cfg.model.stem == "cifar":
+        raise ConfigError("model.pretrained=imagenet was trained with the imagenet stem (7x7 conv + max-pool); "
+                          "leave model.stem=auto or set model.stem=imagenet")
+
+
+def stem_of(cfg: DictConfig) -> str:
+    """model.stem with auto resolved: the stem of pretrained weights (imagenet for torchvision's;
+    `auto` is kept for a weights file, whose first convolution decides when it is loaded), else
+    cifar for images up to 64px and imagenet above."""
+    if cfg.model.stem != "auto":
+        return cfg.model.stem
+    if cfg.model.pretrained == "imagenet":
+        return "imagenet"
+    if cfg.model.pretrained:
+        return "auto"
+    return "cifar" if cfg.dataset.image_size <= 64 else "imagenet"
+
+
+def override_key(arg: str) -> str:
+    """The config key a command-line override sets: `+optim.lr=0.1` -> `optim.lr`."""
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def hparam_values(cfg: DictConfig, precision: str, swept: Iterable[str] = ()) -> dict[str, Any]:
+    """The HPARAMS tab's columns: every key the schema marks as a hyperparameter (`_target_`s shown
+    by their class or function name), the swept keys first -- what a sweep compares."""
+    flat = leaves(cfg)
+    values = {key.hparam: flat[path] for path, key in KEYS.items() if key.hparam and path in flat}
+    values["precision"] = precision
+    for name in ("model", "optim", "scheduler"):
+        values[name] = str(values[name]).rsplit(".", 1)[-1]
+    first = {}
+    for key in swept:  # a group (optim=adam) has a column of its own name; a key, its hparam name or path
+        name = key if key in values else (KEYS[key].hparam if key in KEYS else None) or key
+        if name in values or key in flat:
+            first[name] = values.get(name, flat.get(key))
+    values = {**first, **{k: v for k, v in values.items() if k not in first}}
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Composing configs and translating Hydra's errors into one line
+# --------------------------------------------------------------------------------------------
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """train.yaml with `overrides` (no sweep values), or ConfigError saying what is wrong in one line."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path is ours
+            return compose(config_name="train", overrides=overrides)
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise hydra_error(e) from None
+
+
+def hydra_error(e: Exception) -> ConfigError:
+    """Hydra's multi-line composition errors as one line that names the override and the choices."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(e).strip()
+    if isinstance(e, OverrideParseException):
+        reason = [line for line in e.message.splitlines() if line and not line.startswith(("Error parsing", "See "))]
+        return ConfigError(f"{e.override}: cannot be parsed ({'; '.join(reason) or 'bad syntax'}); quote values "
+                           "with special characters, e.g. 'key=\"a b\"'")
+    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return ConfigError(f"{group}={option}: no such option; choose one of {', '.join(sorted(e.options))}")
+    if text.startswith("Could not override '"):
+        key = text.split("'")[1]
+        value = text.split("use +", 1)[-1].split("=", 1)[-1].strip()
+        return ConfigError(_no_such_key(key, value))
+    if text.startswith("Error merging override") and e.__cause__ is not None:
+        cause = str(e.__cause__).strip().splitlines()[0]
+        return ConfigError(f"{text.removeprefix('Error merging override ')}: {cause}")
+    return ConfigError(text.split("\nConfig search path")[0].replace("\n", " ").strip())
+
+
+def _no_such_key(key: str, value: str) -> str:
+    group = key.split(".")[0]
+    if group in OPEN_GROUPS and "." in key:
+        return (f"{key}={value}: the chosen {group} has no argument {key.split('.', 1)[1]}; "
+                f"add a new constructor argument with +{key}={value}")
+    return unknown_key_message(key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# A stored run's config with a command line applied (resume, resnet-eval)
+# --------------------------------------------------------------------------------------------
+
+
+def apply_command_line(stored: dict, given: DictConfig, defaults: DictConfig, overrides: list[str],
+                       may_change: Callable[[str], bool], why_not: str) -> DictConfig:
+    """The stored config, with the keys the command line sets taken from `given` (train.yaml plus
+    that command line). A key the command line sets to the value the run already has is fine; a
+    different value is taken if `may_change(key)`, else refused, naming both values.
+
+    The keys the command line sets are those named in an override (`optim.lr=...`, every key of a
+    group for `optim=adam`) and those where `given` differs from `defaults` (what recipes such
+    as `experiment=...` set). Values the run derived itself (computed mean/std, the resolved stem)
+    match the defaults they came from."""
+    cfg = OmegaConf.create(stored)
+    have, want, base = leaves(cfg), leaves(given), leaves(defaults)
+    named = [override_key(o) for o in overrides if not override_key(o).startswith("hydra") and "=" in o]
+    touched = {k for k in want if k != "resume" and (want[k] != base.get(k, _ABSENT) or _under(k, named))}
+    for key in sorted(touched):
+        old, new = have.get(key, _ABSENT), want[key]
+        if old == new or derived_from(key, new, old, given):
+            continue
+        if not may_change(key):
+            raise ConfigError(f"{_shown_key(key)}: the run has {_shown_value(key, old)}, the command line gives "
+                              f"{_shown_value(key, new)}; {why_not}")
+        OmegaConf.update(cfg, key, new, merge=False, force_add=True)
+    return cfg
+
+
+def _shown_key(key: str) -> str:
+    return key.removesuffix("._target_")  # model._target_ is what model=... chooses
+
+
+def _shown_value(key: str, value: Any) -> str:
+    if value is _ABSENT:
+        return "nothing"
+    return value.rsplit(".", 1)[-1] if key.endswith("._target_") else repr(value)
+
+
+def _under(key: str, named: list[str]) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in named)
+
+
+def derived_from(key: str, given: Any, stored: Any, cfg: DictConfig) -> bool:
+    """A stored value the run worked out from the given one: statistics computed for a null
+    mean/std, and the stem chosen for model.stem=auto."""
+    if key in ("dataset.mean", "dataset.std"):
+        return given is None
+    if key == "model.stem":
+        return given == "auto" and stored in ("cifar", "imagenet")
+    return False

@@ -1,0 +1,257 @@
+"""Run directories: one run per directory (claimed and locked), finding a run's checkpoint, the
+command line that resumes a run in place, and torchrun's agreement on one directory.
+
+A run directory is locked (`flock` on <run dir>/.lock) for as long as a process trains in it, by
+new runs and by `resume=` alike; the kernel drops the lock when the process ends, however it
+ends, so a killed run never blocks the next one. No torch here: these checks answer at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from .config import RESUMABLE, apply_command_line, compose_train, override_key, validate
+from .errors import CheckpointError, ConfigError, Refused, RunDirError, UserError
+from .files import remove_stale_temporaries
+
+LOCK_NAME = ".lock"
+_held: dict[Path, int] = {}  # run dir -> the open lock file's descriptor, while this process holds it
+_restart: set[Path] = set()  # run dirs that `resume=` starts again (no checkpoint yet): may be reused
+_created: set[Path] = set()  # run dirs this process made (removed again if the run fails before training)
+
+
+# --------------------------------------------------------------------------------------------
+# Locks
+# --------------------------------------------------------------------------------------------
+
+
+def lock(run_dir: Path) -> None:
+    """Hold <run dir>/.lock until `unlock` or the end of the process; RunDirError naming the
+    holder's pid if another process has it."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirError(f"cannot use {run_dir}: {e.strerror.lower()}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunDirError(f"{run_dir} is in use by another resnet-train process (pid {holder}); wait for it "
+                          "to finish or choose another hydra.run.dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[run_dir] = fd
+
+
+def unlock(run_dir: Path) -> None:
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def claim_new_run_dir(run_dir: Path, overrides: list[str]) -> None:
+    """Lock `run_dir` for a new run. It must be empty -- except a run that died before its first
+    checkpoint, which the same command line (or `resume=`) starts again in place."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.exists():
+        _created.add(run_dir)
+    lock(run_dir)
+    contents = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+    if not contents:
+        return
+    if (run_dir / "checkpoints" / "last.pt").exists() or not (
+            run_dir in _restart or stored_overrides(run_dir) == _without_hydra(overrides)):
+        unlock(run_dir)
+        has_run = (run_dir / "checkpoints" / "last.pt").exists()
+        raise RunDirError(f"{run_dir} already holds " + ("a run" if has_run else "other files")
+                          + "; choose a new hydra.run.dir so nothing there is overwritten"
+                          + (f", or continue it with resume={run_dir}" if has_run else ""))
+    start_again(run_dir)
+
+
+def start_again(run_dir: Path) -> None:
+    """Clear what a run that died before its first checkpoint left (its TensorBoard events, partial
+    files); its train.log is kept and appended to."""
+    for path in run_dir.iterdir():
+        if path.name.startswith("events.out.tfevents") or path.name in ("metrics.json", "checkpoints"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove_stale_temporaries(run_dir)
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove what a new run made before failing, when it failed before training (bad data, say):
+    the folder if this process created it, else the files Hydra wrote into it."""
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / "checkpoints").exists():
+        return
+    unlock(run_dir)
+    if run_dir in _created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in (".hydra", "train.log", LOCK_NAME):
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def stored_overrides(run_dir: Path) -> list[str] | None:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return _without_hydra(list(OmegaConf.load(path))) if path.is_file() else None
+
+
+def _without_hydra(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not override_key(o).startswith(("hydra.", "hydra/"))]
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def find_checkpoint(target: str, name: str = "last.pt") -> Path:
+    """A checkpoint file from a path to it, to its run dir, or `latest` (newest run under outputs/)."""
+    if target == "latest":
+        found = sorted(Path("outputs").glob(f"**/checkpoints/{name}"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise CheckpointError(f"resume=latest: no run with checkpoints/{name} under {Path('outputs').resolve()}")
+        return found[-1].resolve()
+    path = Path(target).expanduser()
+    for candidate in (path, path / "checkpoints" / name, path / name):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise CheckpointError(f"no checkpoint at {path} (looked for {path}, {path / 'checkpoints' / name})")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint file belongs to (<run dir>/checkpoints/<name>.pt)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+# --------------------------------------------------------------------------------------------
+# Command lines
+# --------------------------------------------------------------------------------------------
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_arguments(args: list[str]) -> list[str]:
+    """`resume=X` continues run X in its own run dir: point Hydra there without letting it rewrite
+    the run's .hydra/ record (the run's config is the one in its checkpoint). A run dir without a
+    checkpoint yet (its run died first) is started again from its stored command line."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not given or given[-1] in ("", "null"):
+        return args
+    if {"-m", "--multirun"} & set(args):
+        raise ConfigError("resume= continues one run; it cannot be combined with -m")
+    target = Path(given[-1]).expanduser()
+    try:
+        checkpoint = find_checkpoint(given[-1])
+    except CheckpointError:
+        if given[-1] != "latest" and stored_overrides(target) is not None and not (target / "checkpoints" / "last.pt").exists():
+            return _restart_arguments(target.resolve(), args)
+        raise
+    run_dir = run_dir_of(checkpoint)
+    rest = [a for a in args if not a.startswith("resume=")]
+    for arg in rest:
+        if arg.startswith("hydra.run.dir="):
+            if Path(arg.split("=", 1)[1].strip("'\"")).expanduser().resolve() != run_dir:
+                raise ConfigError(f"{arg}: resume= continues in the checkpoint's own run dir ({run_dir}); "
+                                  "leave out hydra.run.dir")
+    rest = [a for a in rest if not a.startswith("hydra.run.dir=")]
+    return [*rest, f"resume={_quote(checkpoint)}", f"hydra.run.dir={_quote(run_dir)}", "hydra.output_subdir=null"]
+
+
+def _restart_arguments(run_dir: Path, args: list[str]) -> list[str]:
+    """The stored command line of a run that died before its first checkpoint, plus the keys given
+    now (later ones win), into the same run dir."""
+    _restart.add(run_dir)
+    extra = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
+    return [*stored_overrides(run_dir), *extra, f"hydra.run.dir={_quote(run_dir)}"]
+
+
+def distributed_arguments(args: list[str], is_main: bool, stamp: str) -> list[str]:
+    """Under torchrun every process uses the first one's run dir (its time stamp, see train.yaml's
+    hydra.run.dir); only the first writes the .hydra/ record and train.log, and checks the run dir."""
+    os.environ["RESNET_TRAIN_RUN_STAMP"] = stamp
+    if is_main:
+        return args
+    return [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled",
+            "hydra.callbacks.check_before_run.enabled=false"]
+
+
+# --------------------------------------------------------------------------------------------
+# Before a run: every refusal that needs no data
+# --------------------------------------------------------------------------------------------
+
+RESUME_REFUSAL = ("a resumed run keeps its model, data and optimization; start a new run to change it "
+                  "(only where, how fast and how long it runs may change: see the README)")
+
+
+def plan_run(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict | None]:
+    """The config a run trains with, and the checkpoint it continues (`resume=`), after every check
+    that needs no data: the config's values, the resume command line against the run's own
+    config, the device and precision, the optimizer's and schedule's arguments. Refusals come
+    before a dataset is read or a run dir is touched."""
+    validate(cfg)  # (before torch is imported: a config error answers at once)
+    from .build import check_buildable, check_weights_fit, pick_device_and_precision
+    from .checkpoint import load_checkpoint
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        check_weights_fit(ckpt, cfg.resume)
+        resumed = apply_command_line(ckpt["config"], OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                     compose_train([]), overrides, RESUMABLE.__contains__, RESUME_REFUSAL)
+        resumed.resume = cfg.resume
+        validate(resumed)
+        cfg = resumed
+    processes = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+    if cfg.batch_size % processes:
+        raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) does not split evenly over "
+                          f"{processes} processes; use a multiple of {processes}")
+    pick_device_and_precision(cfg.device, cfg.precision)
+    check_buildable(cfg)
+    if ckpt is not None:
+        state = ckpt.get("state", {})
+        if state.get("epoch", 0) >= cfg.epochs and not state.get("epoch_progress"):
+            raise ConfigError(f"{run_dir_of(Path(cfg.resume))} has finished all {state['epoch']} epochs; resume "
+                              f"with epochs=N (N > {state['epoch']}) to train longer")
+    return cfg, ckpt
+
+
+class CheckBeforeRun(Callback):
+    """Hydra callback, before Hydra creates the run dir or writes anything into it: plan the run
+    (all checks that need no data), then claim and lock the run dir -- a new run's must be empty,
+    a resumed run's must not be in use."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        overrides = list(config.hydra.overrides.task)
+        run_dir = Path(config.hydra.run.dir)
+        try:
+            plan_run(task_cfg, overrides)
+            if task_cfg.resume:
+                lock(run_dir)
+                remove_stale_temporaries(run_dir)
+            else:
+                claim_new_run_dir(run_dir, overrides)
+        except UserError as e:  # Hydra would only warn about an exception raised here, and go on
+            raise Refused(e) from None

@@ -1,0 +1,139 @@
+"""Sweeps (`resnet-train -m ...`): job directories named by the swept keys, and a summary of every
+job's results in <sweep dir>/summary.csv plus a printed table.
+
+Built from files (each job writes <job dir>/job_status.json), so it also works when the jobs run
+elsewhere (the SLURM launcher). Which keys a sweep varies is decided once, when it starts, and
+passed to its jobs in RESNET_TRAIN_SWEPT_KEYS (inherited by local jobs and by SLURM jobs alike).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from .config import override_key
+
+SWEPT_KEYS_ENV = "RESNET_TRAIN_SWEPT_KEYS"
+
+
+def swept_keys() -> list[str]:
+    """The keys the current sweep varies, in command-line order ([] outside a sweep)."""
+    return [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
+
+
+def job_name(task_overrides: list[str]) -> str:
+    """A job's directory and TensorBoard run name: its values of the swept keys, in command-line
+    order (`optim=adam,optim.lr=0.01`); the overrides every job shares are left out."""
+    swept = swept_keys()
+    chosen = [o for o in task_overrides if override_key(o) in swept] if swept else list(task_overrides)
+    chosen.sort(key=lambda o: swept.index(override_key(o)) if swept else 0)
+    return ",".join(chosen).replace("/", "_") or "job"
+
+
+# `hydra.sweep.subdir: ${swept_job_name:${hydra.overrides.task}}` in train.yaml
+OmegaConf.register_new_resolver("swept_job_name", lambda overrides: job_name(list(overrides)), replace=True)
+
+
+def sweep_plan(config: DictConfig) -> tuple[list[str], int | None]:
+    """The keys a sweep varies (command-line order), and how many jobs the basic sweeper will run
+    (the product of the swept values' counts; None for sweepers such as Optuna, whose n_trials
+    decides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys, size = [], 1
+    for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        if override.is_sweep_override():
+            keys.append(override.get_key_element().lstrip("+~"))
+            size *= len(list(override.sweep_string_iterator()))
+    keys += [k for k in config.hydra.sweeper.get("params") or {} if k not in keys]  # e.g. Optuna's search space
+    basic = "BasicSweeper" in str(config.hydra.sweeper.get("_target_", ""))
+    return keys, size if basic else None
+
+
+class SweepSummary(Callback):
+    """After each job of a sweep: the job's status goes to <job dir>/job_status.json and
+    <sweep dir>/summary.csv is rebuilt from all of them (best validation accuracy first, failed
+    jobs last with their error); after the last job the table is printed as markdown."""
+
+    COLUMNS = ("job", "overrides", "status", "best_val_accuracy", "test_accuracy", "best_epoch", "epochs",
+               "wall_seconds", "error", "job_dir")
+
+    def __init__(self) -> None:
+        self.printed = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .files import write_json
+
+        swept, jobs = sweep_plan(config)
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
+        write_json(_sweep_dir(config) / "sweep.json", {"swept": swept, "jobs": jobs})
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        from . import distributed
+        from .files import write_json
+
+        if str(config.hydra.mode) != "RunMode.MULTIRUN" or not distributed.from_environment().is_main:
+            return
+        sweep_dir, job_dir = _sweep_dir(config), Path(config.hydra.runtime.output_dir).resolve()
+        info, metrics = _read_json(sweep_dir / "sweep.json"), _read_json(job_dir / "metrics.json")
+        failed = job_return.status != JobStatus.COMPLETED
+        error = getattr(job_return, "_return_value", None) if failed else None
+        swept = [o for o in config.hydra.overrides.task if override_key(o) in info.get("swept", [])]
+        write_json(job_dir / "job_status.json", {
+            "job": config.hydra.job.num, "overrides": ",".join(swept) or job_dir.name,
+            "status": "failed" if failed else "ok",
+            **{k: metrics.get(k) for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs", "wall_seconds")},
+            "error": (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if failed else "",
+            "job_dir": os.path.relpath(job_dir, sweep_dir),
+        })
+        rows = self._write_summary(sweep_dir)
+        if info.get("jobs") and len(rows) >= info["jobs"]:
+            self._print(sweep_dir, rows)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        rows = self._write_summary(_sweep_dir(config))
+        if rows and not self.printed:
+            self._print(_sweep_dir(config), rows)
+
+    def _write_summary(self, sweep_dir: Path) -> list[dict]:
+        from .files import atomic_write
+
+        rows = [_read_json(p) for p in sweep_dir.glob("**/job_status.json")]
+        rows.sort(key=lambda r: (r["status"] != "ok", -(r["best_val_accuracy"] or -1), r["job"]))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        if rows:
+            atomic_write(sweep_dir / "summary.csv", lambda f: f.write(text.getvalue().encode()))
+        return rows
+
+    def _print(self, sweep_dir: Path, rows: list[dict]) -> None:
+        self.printed = True
+        pct = lambda v: "" if v is None else f"{v:.2%}"  # noqa: E731
+        lines = ["| overrides | best val acc | test acc | best epoch | wall time | status |", "|---|---:|---:|---:|---:|---|"]
+        for r in rows:
+            wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}s"
+            status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
+            lines.append(f"| {r['overrides']} | {pct(r['best_val_accuracy'])} | {pct(r['test_accuracy'])} | "
+                         f"{r['best_epoch'] or ''} | {wall} | {status} |")
+        shown = os.path.relpath(sweep_dir / "summary.csv")
+        print(f"\nSweep summary ({shown}):\n" + "\n".join(lines), flush=True)
+
+
+def _sweep_dir(config: DictConfig) -> Path:
+    """Absolute: the default sweep dir is relative (multirun/<date>/<time>), job dirs are absolute."""
+    return Path(str(config.hydra.sweep.dir)).resolve()
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
