@@ -182,3 +182,32 @@ def test_skipping_batches_resumes_the_same_epoch(tmp_path, loader):
         assert torch.equal(x, rx) and torch.equal(y, ry)
     train.set_epoch(4)
     assert not torch.equal(torch.cat([y for _, y in train]), torch.cat([y for _, y in full]))
+
+
+def test_non_square_images_are_decoded_like_torchvision_resize_and_center_crop(tmp_path):
+    """A 48x32 (landscape) and a 30x50 (portrait) image: shorter side to image_size, center crop."""
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    from resnet_train.data import decode_resized
+    for size in ((48, 32), (30, 50)):
+        array = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.fromarray(array.numpy()).save(path)
+        ours = decode_resized(str(path), 24)
+        reference = T.Compose([T.Resize(24, antialias=True), T.CenterCrop(24)])(array.permute(2, 0, 1))
+        assert ours.shape == (3, 24, 24) and torch.equal(ours, reference)
+
+
+def test_folder_without_test_split_and_without_normalization(tmp_path, train_in_process):
+    """No test/ folder: no final test, said once; normalize=false: the model sees pixels in 0..1."""
+    root = write_image_folder(tmp_path / "imgs", {"train": 120}, num_classes=3, size=(40, 30))
+    metrics = train_in_process(tmp_path / "run", "model=resnet20", "epochs=1", "batch_size=16", "num_workers=0",
+                               "dataset=image_folder", f"dataset.root={root}", "dataset.normalize=false",
+                               "tensorboard.images=false")
+    assert metrics["test_accuracy"] is None and metrics["best_val_accuracy"] is not None
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["normalization"]["mean"] is None and ckpt["config"]["dataset"]["mean"] is None
+    data = build_data("image_folder", str(root), **common(normalize=False, val_size=0, batch_size=8))
+    x, _ = next(iter(data.train))
+    assert 0 <= x.min() and x.max() <= 1

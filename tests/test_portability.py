@@ -1,0 +1,141 @@
+"""Runs and checkpoints that travel: no float64 on the device (Apple MPS has none), precision resolved
+on the device that runs, checkpoints from a GPU evaluated on a laptop, resume on other hardware.
+GPUs are mocked only at the device-query seam (resnet_train.device)."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import Runner, assert_ok, make_images, metrics_of
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from resnet_train import device as devices
+from resnet_train import engine
+from resnet_train.build import configure_backends, pick_device_and_precision, use_channels_last
+from resnet_train.checkpoint import restore_rng_states, restore_training, rng_states
+from resnet_train.data import BatchTransform, MemoryLoader
+from resnet_train.device import Precision
+from resnet_train.models import resnet20
+from resnet_train.optim import Scheduler, cosine
+
+
+class RecordDtypes(TorchDispatchMode):
+    """Every dtype any tensor operation produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.dtypes.add(t.dtype)
+        return out
+
+
+def test_the_loop_never_makes_a_float64_tensor():
+    """Apple's MPS has no float64: the training step, the meters and evaluation stay in float32."""
+    images, labels = (torch.from_numpy(a) for a in make_images(96, seed=3))
+    train = MemoryLoader(images[:64], labels[:64], 16, BatchTransform((0.5,) * 3, (0.25,) * 3, 4, True), True)
+    val = MemoryLoader(images[64:], labels[64:], 16, BatchTransform((0.5,) * 3, (0.25,) * 3), False)
+    model = resnet20()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    precision = Precision("fp32", "cpu")
+    train.set_epoch(1)
+    with RecordDtypes() as recorded:
+        engine.train_one_epoch(model, train, opt, Scheduler(opt, cosine(1), len(train)), precision,
+                               precision.grad_scaler(), log_every=2, progress=False)
+        engine.evaluate(model, val, precision, 10, mistakes=4, progress=False)
+    assert torch.float64 not in recorded.dtypes and torch.float32 in recorded.dtypes
+
+
+@pytest.fixture
+def apple(monkeypatch):
+    """A Mac: no CUDA, an MPS device (mocked at the device-query seam)."""
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
+
+
+def test_apple_gpu_gets_fp32_and_no_channels_last(apple):
+    device, precision = pick_device_and_precision("auto", "auto")
+    assert device.type == "mps" and precision.name == "fp32"
+    assert not use_channels_last("auto", device) and use_channels_last("auto", torch.device("cpu"))
+    assert use_channels_last(True, device)  # an explicit choice is kept
+
+
+def test_precision_auto_is_resolved_where_the_model_runs(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: False)
+    assert pick_device_and_precision("cpu", "auto")[1].name == "fp32"  # no emulated bf16 on an old CPU
+    monkeypatch.setattr(devices, "cpu_bf16_supported", lambda: True)
+    assert pick_device_and_precision("cpu", "auto")[1].name == "bf16"
+
+
+@pytest.fixture(scope="module")
+def gpu_checkpoint(cifar_root, tmp_path_factory):
+    """A real run's checkpoint, edited to say what a T4 run on cuda:3 stores: fp16, device cuda:3."""
+    user = Runner(tmp_path_factory.mktemp("user"))
+    (user.cwd / "data").symlink_to(cifar_root)
+    assert_ok(user("resnet-train", "model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=100",
+                   "num_workers=0", "tensorboard.images=false", "hydra.run.dir=t4"))
+    for name in ("best", "last"):
+        path = user.cwd / "t4" / "checkpoints" / f"{name}.pt"
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["precision"] = "fp16"
+        ckpt["config"].update(device="cuda:3", precision="fp16", channels_last=True)
+        ckpt["scaler"] = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                          "_growth_tracker": 0}
+        ckpt["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # a GPU's generator state
+        torch.save(ckpt, path)
+    return user
+
+
+def test_a_gpu_checkpoint_evaluates_and_predicts_on_a_cpu(gpu_checkpoint):
+    user = gpu_checkpoint
+    evaluated = user("resnet-eval", "checkpoint=t4")
+    assert_ok(evaluated)
+    assert "on cpu, precision bf16" in evaluated.stdout or "on cpu, precision fp32" in evaluated.stdout
+    predicted = user("resnet-predict", "checkpoint=t4", f"inputs=[{user.cwd / 't4' / 'train.log'}]")
+    assert predicted.returncode == 1 and "Traceback" not in predicted.stderr  # (a log file is not an image)
+
+
+def test_a_gpu_run_resumes_on_a_cpu(gpu_checkpoint):
+    """device=cuda:3 and fp16 with a grad scaler in the checkpoint; resumed here with device=cpu."""
+    user = gpu_checkpoint
+    result = user("resnet-train", "resume=t4", "epochs=2", "device=cpu", "precision=auto")
+    assert_ok(result)
+    assert metrics_of(user.cwd / "t4")["epochs"] == 2
+
+
+def test_resume_accepts_a_grad_scaler_change_and_fewer_gpus():
+    model = resnet20()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = Scheduler(opt, cosine(1), 10)
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": {}, "state": {"epoch": 1}, "rng": [rng_states(torch.device("cpu"))]}
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)  # bf16/fp32 before (no scaler state), fp16 now
+    restore_training(ckpt, model, opt, sched, fp16, "ckpt", torch.device("cpu"))
+    assert fp16.get_scale() == 65536.0
+    ckpt["scaler"] = fp16.state_dict()  # fp16 before, bf16 now: the scaler state is not needed
+    restore_training(ckpt, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), "ckpt", torch.device("cpu"))
+    old_format = {**rng_states(torch.device("cpu")), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 4}
+    restore_rng_states(old_format, torch.device("cpu"))  # every GPU's state, restored where there is none
+    restore_rng_states([rng_states(torch.device("cpu"))] * 3, torch.device("cpu"))  # more ranks than now
+
+
+def test_deterministic_switches_off_autotuning():
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_backends(torch.device("cpu"), deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_checkpoints_hold_only_cpu_tensors(gpu_checkpoint, tmp_path):
+    """What `torch.load(map_location='cpu')` relies on: nothing in a checkpoint needs a GPU to load."""
+    path = gpu_checkpoint.cwd / "t4" / "checkpoints" / "last.pt"
+    shutil.copy(path, tmp_path / "copy.pt")
+    ckpt = torch.load(tmp_path / "copy.pt", weights_only=True)
+    tensors = [t for t in ckpt["model"].values()] + [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
+    assert all(t.device.type == "cpu" for t in tensors)

@@ -1,0 +1,148 @@
+"""The README's command lines, run as typed: parsed from its ```bash blocks and run in order from one
+fresh working directory (relative paths, default output folders), so the README and the tool
+cannot drift apart.
+
+Only the data is swapped and the work shrunk: dataset.root points at small generated sets placed
+where the README's paths say (./data for CIFAR, ./pets for an image folder), runs train for one
+epoch on them, 224px becomes 72px (still the imagenet stem), and a placeholder run directory
+(`outputs/2026-11-23/14-02-11`) becomes the newest run, batches have 32 images, and image
+summaries (tested in test_sweep.py) are off. Lines that cannot run here (installing,
+the test suite itself, a SLURM cluster, several machines) are listed in SKIPPED with the reason:
+any other line must run.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from omegaconf import OmegaConf
+from conftest import Runner, events, make_images, write_cifar, write_image_folder
+from PIL import Image
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+COMMANDS = ("resnet-train", "resnet-eval", "resnet-predict", "resnet-summary", "resnet-export", "torchrun", "tensorboard")
+SKIPPED = {  # a README line starting with ... : why it is not run here
+    "python3 -m venv": "creates the environment these tests run in",
+    ". .venv/bin/activate": "activates the environment these tests run in",
+    "pip install": "installs what these tests run with",
+    "python -m pytest": "the test suite itself",
+    "python scripts/benchmark.py": "benchmarks print tables; they are never timed in tests",
+    "bash scripts/gpu_smoke.sh": "needs a CUDA GPU (run by hand where there is one)",
+    "torchrun --nnodes": "needs several machines",
+    "resnet-train -m hydra/launcher=slurm": "needs a SLURM cluster (the launcher config is tested in test_distributed)",
+}
+PLACEHOLDER_RUN = re.compile(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d")
+PLACEHOLDER_SWEEP = re.compile(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d")
+
+
+def readme_command_lines() -> list[str]:
+    """Every command line of the README's ```bash blocks (continuations joined, comments dropped),
+    split at `&&`."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            lines += [part.strip() for part in line.split("&&") if part.strip()]
+    return lines
+
+
+def skip_reason(line: str) -> str | None:
+    return next((why for start, why in SKIPPED.items() if line.startswith(start)), None)
+
+
+def adapt(line: str, cwd: Path) -> list[str]:
+    """The README line with the data swapped and the work shrunk (see the module docstring)."""
+    newest_run = max((p.parent for p in cwd.glob("outputs/*/*/checkpoints")), key=lambda p: p.stat().st_mtime,
+                     default=None)
+    newest_sweep = max(cwd.glob("multirun/*/*"), key=lambda p: p.stat().st_mtime, default=None)
+    if newest_run is not None:
+        line = PLACEHOLDER_RUN.sub(str(newest_run.relative_to(cwd)), line)
+    if newest_sweep is not None:
+        line = PLACEHOLDER_SWEEP.sub(str(newest_sweep.relative_to(cwd)), line)
+    args = shlex.split(line)
+    args = [_data_root(a, line, _run_dataset(args, cwd)) for a in args]
+    if args[0] not in ("resnet-train", "torchrun") or "--help" in args:
+        return args
+    keys = {a.split("=", 1)[0].lstrip("+") for a in args if "=" in a and not a.startswith("-")}
+    shrunk = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key == "epochs":
+            arg = "epochs=1"
+        elif key == "dataset.image_size" and int(value) > 72:
+            arg = "dataset.image_size=72"
+        elif key == "hydra.sweeper.n_trials":
+            arg = "hydra.sweeper.n_trials=2"
+        elif key == "batch_size":
+            arg = "batch_size=32"
+        shrunk.append(arg)
+    extra = ["epochs=1", "batch_size=32", "progress=false", "num_workers=0", "tensorboard.images=false"]
+    if any(a.startswith("experiment=") and "finetune" in a or "linear_probe" in a for a in args):
+        extra.append("dataset.image_size=72")
+    if "resume" not in keys:
+        extra.append("dataset.val_size=40" if "dataset=image_folder" not in args else "dataset.val_size=0.25")
+    return shrunk + [e for e in extra if e.split("=")[0] not in keys and not ("resume" in keys and e.startswith("epochs"))]
+
+
+def _data_root(arg: str, line: str, run_dataset: str | None) -> str:
+    if not arg.startswith("dataset.root="):
+        return arg
+    return "dataset.root=pets" if "dataset=image_folder" in line or run_dataset == "image_folder" else "dataset.root=data"
+
+
+def _run_dataset(args: list[str], cwd: Path) -> str | None:
+    """The dataset of the run a `checkpoint=` argument names (resnet-eval swaps data for it)."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("checkpoint=")]
+    if not given:
+        return None
+    path = cwd / given[0]
+    run_dir = path.parent.parent if path.suffix == ".pt" else path
+    return OmegaConf.load(run_dir / ".hydra" / "config.yaml").dataset.name
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory) -> Runner:
+    """A fresh working directory with the data where the README's commands look for it, and
+    torchvision's ImageNet file names in $TORCH_HOME (random weights: no network here)."""
+    cwd = tmp_path_factory.mktemp("readme")
+    torch_home = cwd / ".torch"
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    for arch in ("resnet18", "resnet50"):
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        torch.save(getattr(torchvision.models, arch)().state_dict(), cache / Path(weights.url).name)
+    runner = Runner(cwd / "work", TORCH_HOME=str(torch_home))
+    write_cifar(runner.cwd / "data", "cifar10", n_train=240, n_test=40)
+    write_cifar(runner.cwd / "data", "cifar100", n_train=240, n_test=40)
+    write_image_folder(runner.cwd / "pets", {"train": 120, "test": 40}, num_classes=3)
+    write_image_folder(runner.cwd / "more_photos", {"x": 6}, num_classes=3)
+    Image.fromarray(make_images(1)[0][0]).save(runner.cwd / "cat.png")
+    return runner
+
+
+LINES = readme_command_lines()
+
+
+def test_the_readme_has_the_commands_we_promise():
+    ran = [line for line in LINES if line.split()[0] in COMMANDS and not skip_reason(line)]
+    assert len(ran) >= 20, ran
+    unknown = [line for line in LINES if line.split()[0] not in COMMANDS and not skip_reason(line)]
+    assert not unknown, f"README lines neither run nor skipped with a reason: {unknown}"
+
+
+@pytest.mark.parametrize("line", [line for line in LINES if line.split()[0] in COMMANDS and not skip_reason(line)])
+def test_readme_command_runs_as_typed(user, line):
+    args = adapt(line, user.cwd)
+    if args[0] == "tensorboard":  # the event files are there and readable: what --logdir will show
+        runs = [p.parent for p in (user.cwd / args[-1].split("=")[-1]).rglob("events.out.tfevents.*")]
+        assert runs and all("loss/train" in events(r).Tags()["scalars"] for r in runs)
+        return
+    if args[0] == "torchrun":
+        args = [a.replace("--nproc_per_node=4", "--nproc_per_node=2") for a in args]
+    result = user(args[0], *args[1:], timeout=600)
+    assert result.returncode == 0, f"{' '.join(args)}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
