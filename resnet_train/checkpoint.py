@@ -24,17 +24,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
-from .engine import TrainState
-from .errors import CheckpointError
+from . import distributed, pause
+from .fit import TrainState
+from .errors import CheckpointError, TrainingDiverged
 from .files import atomic_write, storage_error
 
 REQUIRED_KEYS = ("model", "config", "classes")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    def write(f: BinaryIO) -> None:
+        torch.save(obj, f)
+        pause.point("checkpoint_write")  # (written to the temporary file, not yet renamed)
     try:
-        atomic_write(path, lambda f: torch.save(obj, f))
+        atomic_write(path, write)
     except RuntimeError as e:  # torch's zip writer reports a full disk as "enforce fail ... failed writing"
         raise storage_error(path, e) from None
 
@@ -52,9 +55,15 @@ def read_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        if "Weights only load failed" in lines[0]:  # torch's advice (unpickle it anyway) is not ours to give
+            found = [line for line in lines if "GLOBAL" in line]
+            if found:
+                raise CheckpointError(f"{path} holds Python objects besides tensors ({found[0].rstrip('.')}): a "
+                                      "pickle that can run code when loaded; resnet-train reads only weights") from None
+            lines = [line for line in lines[1:] if not line.startswith(("Please file", "Check the doc"))] or lines
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file): "
-                              f"{reason[:200]}") from None
+                              f"{lines[0][:200]}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -80,8 +89,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def load_model_state(model: nn.Module, state: dict, source: str) -> None:
-    """Load weights, turning a shape or name mismatch into one line naming the first difference."""
+    """Load weights, turning a shape or name mismatch, or NaN/inf in them, into one line."""
     check_model_state(model, state, source)
+    bad = next((name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+    if bad is not None:
+        raise CheckpointError(f"the weights in {source} are not finite ({bad} holds NaN/inf): the run that wrote "
+                              "it diverged; use an earlier checkpoint")
     unwrap(model).load_state_dict(state)
 
 
@@ -161,41 +174,90 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimi
     if ckpt["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
     restore_rng_states(ckpt["rng"], device)
-    return TrainState(**ckpt["state"])
+    return state_of(ckpt)
+
+
+def state_of(ckpt: dict) -> TrainState:
+    """The checkpoint's TrainState (checkpoints from before the test phase existed were tested)."""
+    return TrainState(**{"tested": True, **ckpt["state"]})
 
 
 class RunCheckpoints:
     """`last.pt` and `best.pt` of one run: everything needed to evaluate, predict or resume. With
-    several processes only the first writes (`writer=True`); all read."""
+    several processes only the first writes (`writer=True`); all read. Only finite state is ever
+    written: a save after the weights or optimizer state became NaN/inf raises TrainingDiverged."""
 
     def __init__(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, scaler: torch.amp.GradScaler, metadata: dict, device: torch.device,
-                 writer: bool = True):
+                 writer: bool = True, resumed_from: TrainState | None = None):
         self.directory, self.writer, self.device = directory, writer, device
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.metadata = metadata  # config, classes, normalization, precision
+        self.saved: TrainState | None = resumed_from  # what last.pt holds now
 
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.pt"
 
     def save_last(self, state: TrainState) -> None:
+        bad = first_nonfinite(self.model, self.optimizer)
+        if bad is not None:
+            raise TrainingDiverged(f"the weights became NaN/inf by step {state.global_step} ({bad} is not finite); "
+                                   "lower optim.lr or add scheduler.warmup_epochs")
         rng = gather_rng_states(self.device)
-        if not self.writer:
-            return
-        atomic_save({
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "state": asdict(state),
-            "rng": rng,
-            **self.metadata,
-        }, self.path("last"))
+        if self.writer:
+            atomic_save({
+                "model": unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": asdict(state),
+                "rng": rng,
+                **self.metadata,
+            }, self.path("last"))
+        self.saved = TrainState(**asdict(state))
+
+    def last_good(self) -> str:
+        """Where the run can be continued from, for the divergence message."""
+        if self.saved is None:
+            return "no checkpoint was written before it"
+        where = f"epoch {self.saved.epoch + 1}, step {self.saved.global_step}" if self.saved.epoch_progress else \
+            f"end of epoch {self.saved.epoch}, step {self.saved.global_step}"
+        return f"the last good checkpoint is {self.path('last')} ({where})"
 
     def copy_last_to_best(self) -> None:
         if self.writer:
             atomic_copy(self.path("last"), self.path("best"))
 
+    def repair_best(self, state: TrainState) -> None:
+        """A run killed between writing last.pt and updating best.pt: last.pt holds the end of the
+        best epoch (it says so) but best.pt an older one. Copy it now, before anything reads best.pt."""
+        if not self.writer or state.best_epoch == 0 or state.best_epoch != state.epoch or state.epoch_progress:
+            return
+        best = self.path("best")
+        if not best.exists() or load_checkpoint(best)["state"]["epoch"] != state.best_epoch:
+            atomic_copy(self.path("last"), best)
+
+    def mark_finished(self, state: TrainState) -> None:
+        """Record in last.pt that the final test is done (the model in memory now holds the best
+        weights, so last.pt's own weights are kept)."""
+        distributed.barrier()
+        if self.writer:
+            ckpt = load_checkpoint(self.path("last"))
+            ckpt["state"] = asdict(state)
+            atomic_save(ckpt, self.path("last"))
+
     def load_model_weights(self, name: str) -> None:
         distributed.barrier()  # the first process has written it
         load_model_state(self.model, load_checkpoint(self.path(name))["model"], str(self.path(name)))
+
+
+def first_nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """The name of the first parameter, buffer or optimizer state tensor holding NaN/inf, or None.
+    One host sync when all are finite."""
+    named = [(f"model.{n}", t) for n, t in unwrap(model).state_dict().items()]
+    named += [(f"optimizer.{k}", t) for i, s in enumerate(optimizer.state.values()) for k, t in s.items()
+              if isinstance(t, torch.Tensor)]
+    named = [(n, t) for n, t in named if t.is_floating_point()]
+    if not named or bool(torch.stack([t.detach().isfinite().all() for _, t in named]).all()):
+        return None
+    return next(n for n, t in named if not bool(t.detach().isfinite().all()))

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from . import runs, sweep  # sweep registers the job-name resolver train.yaml uses
 from .config import CONFIG_MODULE, hydra_error, override_key
 from .errors import Refused, UserError
+from .files import STORAGE_ERRNOS, storage_error
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 log = logging.getLogger("resnet_train")
@@ -38,6 +39,7 @@ def run_command(command: Callable[[], Any]) -> Any:
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own several-line report
+    logging.raiseExceptions = False  # a log line that cannot be written (full disk) is dropped, not a traceback
     try:
         return command()
     except Refused as refused:
@@ -49,6 +51,10 @@ def run_command(command: Callable[[], Any]) -> Any:
         _exit(str(hydra_error(e)), 2)
     except KeyboardInterrupt:
         _exit("interrupted", 130)
+    except OSError as e:  # a full disk or read-only folder met outside our own writes (Hydra's, TensorBoard's)
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        _exit(str(storage_error(Path(e.filename or "a file"), e)), 2)
 
 
 def _exit(message: str, code: int) -> None:

@@ -13,9 +13,10 @@ import math
 import os
 import signal
 import urllib.error
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -246,7 +247,7 @@ class StreamLoader:
         global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
         for _ in range(self.skip):
             self.transform.skip(global_batch, g)
-        for images, labels in self.loader:
+        for images, labels in from_workers(self.loader):
             images = images.to(self.device, non_blocking=True)
             yield (self.transform(images, g, draws=global_batch, keep=mine),
                    labels.to(self.device, non_blocking=True))
@@ -330,12 +331,29 @@ def decode_resized(path: str, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
-            img = TF.pil_to_tensor(im.convert("RGB"))
+            img = TF.pil_to_tensor(_as_8bit_rgb(im, path))
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"could not read image {path}: {e}") from None
     if img.shape[-2:] != (size, size):
         img = TF.center_crop(TF.resize(img, size, antialias=True), size)
     return img
+
+
+def _as_8bit_rgb(im: Image.Image, path: str) -> Image.Image:
+    """RGB with 8 bits per channel. PIL's convert("RGB") clips 16-bit grayscale (mode I;16, I) at 255
+    -- a 0..65535 gradient becomes almost all white -- so those are scaled down (>> 8) first."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im).astype(np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise DataError(f"could not read image {path}: {im.mode} pixel values outside 0..65535 "
+                            "(convert it to an 8- or 16-bit image)")
+        return Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        raise DataError(f"could not read image {path}: floating-point pixels (mode F) have no fixed range; "
+                        "convert it to an 8- or 16-bit image")
+    return im.convert("RGB")
 
 
 def list_image_folder(folder: Path, class_to_idx: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -353,6 +371,14 @@ def list_image_folder(folder: Path, class_to_idx: dict[str, int] | None = None) 
     samples = make_dataset(folder, class_to_idx or found_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise DataError(f"no images in the class folders of {folder} (looked for {', '.join(IMG_EXTENSIONS)})")
+    if class_to_idx is None:  # the training split defines the classes: each needs images, and two at least
+        counts = Counter(label for _, label in samples)
+        empty = [c for i, c in enumerate(classes) if not counts[i]]
+        if empty:
+            raise DataError(f"class folder {folder / empty[0]} has no images ({len(empty)} empty in all); "
+                            "add images or remove the folder")
+        if len(classes) < 2:
+            raise DataError(f"{folder} has one class ({classes[0]}); a classifier needs at least two class folders")
     return samples, classes
 
 
@@ -361,10 +387,20 @@ def decode_all(samples: list[tuple[str, int]], size: int, num_workers: int) -> t
     loader = torch.utils.data.DataLoader(_DecodedFiles(samples, size), batch_size=256, num_workers=num_workers)
     out = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
     i = 0
-    for images, _ in loader:
+    for images, _ in from_workers(loader):
         out[i:i + len(images)] = images
         i += len(images)
     return out
+
+
+def from_workers(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """Iterate `loader`; a DataError raised in a worker process arrives as one line again (PyTorch
+    re-raises it with the worker's whole traceback as its message)."""
+    try:
+        yield from loader
+    except DataError as e:
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise DataError(lines[-1].split("DataError: ", 1)[-1] if lines else str(e)) from None
 
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

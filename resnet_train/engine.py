@@ -1,23 +1,22 @@
-"""The training loop: `train_one_epoch`, `evaluate`, and `fit` that runs epochs of both.
+"""The steps of training: `train_one_epoch` and `evaluate` (fit.py runs epochs of them).
 
-No Hydra and no files here: results leave through the `logger` and `checkpoints` objects that
-`fit` is given. Loss and accuracy accumulate on the device and are read (one host sync) once per
-`log_every` steps and at the end of an epoch.
+No Hydra and no files here. Loss and accuracy accumulate on the device and are read (one host
+sync) once per `log_every` steps and at the end of an epoch.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .data import Data, Loader
+from . import distributed, pause
+from .data import Loader
 from .device import Precision
 from .errors import TrainingDiverged
 from .optim import Scheduler
@@ -193,6 +192,7 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
             scheduler.step()
             meter.add(loss, logits, labels, global_step)
             bar.update(1)
+            pause.point("train_step")
             if i % log_every == 0 or i == len(loader):
                 loss_sum, correct = read_finite()
                 images_so_far = meter.total_images
@@ -249,131 +249,3 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
     correct = int(confusion.diag().sum())
     return EvalResult(loss_sum.item() / max(images, 1), correct / max(images, 1), images,
                       time.perf_counter() - start, confusion, tracker.result() if tracker else None)
-
-
-# ------------------------------------------------------------------------------------------
-# fit: epochs of train + validate, best/last checkpoints, final test with the best weights
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """Progress of a run: what a checkpoint needs besides the model, optimizer and RNG states."""
-
-    epoch: int = 0  # epochs completed
-    global_step: int = 0
-    best_val_accuracy: float = -1.0
-    best_epoch: int = 0
-    wall_seconds: float = 0.0  # of every session of this run, up to the last checkpoint
-    epoch_progress: dict | None = None  # EpochProgress of an unfinished epoch (mid-epoch checkpoint)
-    history: list[dict] = field(default_factory=list)  # one row of metrics per epoch
-
-
-class RunLogger(Protocol):
-    def info(self, message: str) -> None: ...
-    def train_step(self, step: int, loss: float, lr: float) -> None: ...
-    def epoch(self, step: int, row: dict) -> None: ...
-    def validation(self, step: int, epoch: int, result: EvalResult, model: nn.Module) -> None: ...
-    def test(self, step: int, result: EvalResult) -> None: ...
-    def write_metrics(self, metrics: dict, history: list[dict]) -> None: ...
-    def flush(self) -> None: ...
-
-
-class Checkpoints(Protocol):
-    def save_last(self, state: TrainState) -> None: ...
-    def copy_last_to_best(self) -> None: ...
-    def load_model_weights(self, name: str) -> None: ...
-
-
-def fit(model: nn.Module, data: Data, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
-        precision: Precision, scaler: torch.amp.GradScaler, *, epochs: int, state: TrainState,
-        logger: RunLogger, checkpoints: Checkpoints, label_smoothing: float = 0.0, log_every: int = 50,
-        checkpoint_every: int = 0, should_stop: Callable[[], bool] | None = None,
-        progress: bool | None = None, started_at: float | None = None, mistakes: int = 0) -> dict:
-    """Train from where `state` stands (a fresh run, an epoch end or mid-epoch) to `epochs`; then test
-    the best weights. Returns the final metrics (fractions 0..1).
-
-    last.pt is written at every epoch end (and every `checkpoint_every` steps), best.pt whenever the
-    validation accuracy improves; TensorBoard is flushed before each, so a run killed at any moment
-    resumes with no step logged twice or missing. The final test keeps its `mistakes` most
-    confidently wrong images for the logger."""
-    num_classes = len(data.classes)
-    wall_before, started_at = state.wall_seconds, started_at or time.time()
-
-    def save_last() -> None:
-        state.wall_seconds = wall_before + time.time() - started_at
-        checkpoints.save_last(state)
-
-    def save_mid_epoch(progress_: EpochProgress, global_step: int) -> None:
-        state.global_step, state.epoch_progress = global_step, asdict(progress_)
-        logger.flush()
-        save_last()
-
-    for epoch in range(state.epoch + 1, epochs + 1):
-        resume = EpochProgress(**state.epoch_progress) if state.epoch_progress else None
-        data.train.set_epoch(epoch, skip=resume.step if resume else 0)
-        try:
-            train, state.global_step = train_one_epoch(
-                model, data.train, optimizer, scheduler, precision, scaler, global_step=state.global_step,
-                start=resume, label_smoothing=label_smoothing, log_every=log_every, on_log=logger.train_step,
-                checkpoint_every=checkpoint_every, on_checkpoint=save_mid_epoch, should_stop=should_stop,
-                desc=f"epoch {epoch}/{epochs} train", progress=progress)
-        except TrainingInterrupted as stop:
-            save_mid_epoch(stop.progress, stop.global_step)
-            raise
-        state.epoch_progress = None
-        val = evaluate(model, data.val, precision, num_classes, desc=f"epoch {epoch}/{epochs} val",
-                       progress=progress) if data.val is not None else None
-        scheduler.end_of_epoch(val.loss if val else None)
-        is_best = val is None or val.accuracy > state.best_val_accuracy
-        if is_best:
-            state.best_val_accuracy, state.best_epoch = (val.accuracy if val else -1.0), epoch
-        state.epoch = epoch
-        if val is not None:
-            logger.validation(state.global_step, epoch, val, model)
-        row = {"epoch": epoch, "step": state.global_step, "train_loss": train.loss, "train_accuracy": train.accuracy,
-               "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
-               "val_images": val.images if val else 0, "train_images": train.images,
-               "lr": scheduler.get_last_lr()[0], "images_per_second": train.images_per_second,
-               "train_seconds": train.seconds, "epoch_seconds": train.seconds + (val.seconds if val else 0.0),
-               "is_best": is_best}
-        state.history.append(row)
-        logger.epoch(state.global_step, row)  # TensorBoard (flushed) and the console line
-        save_last()
-        if is_best:
-            checkpoints.copy_last_to_best()
-        logger.write_metrics({**summarize(state), "wall_seconds": state.wall_seconds}, state.history)
-
-    metrics = summarize(state)
-    if data.test is not None and state.epoch > 0:
-        checkpoints.load_model_weights("best")
-        test = evaluate(model, data.test, precision, num_classes, mistakes=mistakes, desc="test", progress=progress)
-        logger.test(state.global_step, test)
-        metrics.update(test_loss=test.loss, test_accuracy=test.accuracy, test_images=test.images)
-        logger.info(f"test (best weights, epoch {state.best_epoch}): loss {test.loss:.4f}  "
-                    f"accuracy {test.accuracy:.2%} on {test.images:,} images")
-    elif data.test is None:
-        logger.info("no test split: skipped the final test evaluation")
-    metrics["wall_seconds"] = wall_before + time.time() - started_at
-    return metrics
-
-
-def summarize(state: TrainState) -> dict:
-    """Metrics of the run so far (the last epoch's, the best epoch, mean throughput); test is filled later."""
-    final = state.history[-1] if state.history else {}
-    return {
-        "epochs": state.epoch,
-        "train_loss": final.get("train_loss"), "train_accuracy": final.get("train_accuracy"),
-        "val_loss": final.get("val_loss"), "val_accuracy": final.get("val_accuracy"),
-        "best_epoch": state.best_epoch,
-        "best_val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None,
-        "test_loss": None, "test_accuracy": None, "test_images": None,
-        "images_per_second": _mean_throughput(state.history),
-    }
-
-
-def _mean_throughput(history: list[dict]) -> float | None:
-    """Training images/s over the run, leaving out the first epoch (warm-up) when there are more."""
-    rows = history[1:] if len(history) > 1 else history
-    seconds = sum(r["train_seconds"] for r in rows)
-    return sum(r["images_per_second"] * r["train_seconds"] for r in rows) / seconds if seconds else None

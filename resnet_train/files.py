@@ -44,11 +44,29 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(path.parent)
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def check_writable(path: Path) -> None:
+    """StorageError now, before the work, if `path` could not be written later."""
+    folder = _existing_parent(Path(path).parent)
+    if _read_only_mount(folder):
+        raise storage_error(Path(path), OSError(errno.EROFS, "Read-only file system"))
+    if not os.access(folder, os.W_OK):
+        raise storage_error(Path(path), OSError(errno.EACCES, "Permission denied"))
+
+
+def _read_only_mount(folder: Path) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
 def storage_error(path: Path, e: OSError | RuntimeError) -> StorageError:
     """One line that names the file and the reason (and how much room is left on a full disk)."""
     code = getattr(e, "errno", None)
-    if code == errno.ENOSPC or "No space left" in str(e) or "failed writing" in str(e):
-        free = shutil.disk_usage(_existing_parent(path)).free
+    free = shutil.disk_usage(_existing_parent(path)).free
+    # torch's zip writer reports a failed write as "enforce fail at inline_container.cc ...": full if little is left
+    torch_write_failed = isinstance(e, RuntimeError) and "inline_container" in str(e) and free < 64 * 2**20
+    if code in (errno.ENOSPC, errno.EDQUOT) or torch_write_failed:
         return StorageError(f"could not write {path}: the disk is full ({free / 2**20:.0f} MiB free); "
                             "free some space and run again")
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):

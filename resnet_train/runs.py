@@ -225,10 +225,12 @@ def plan_run(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict | 
     pick_device_and_precision(cfg.device, cfg.precision)
     check_buildable(cfg)
     if ckpt is not None:
-        state = ckpt.get("state", {})
-        if state.get("epoch", 0) >= cfg.epochs and not state.get("epoch_progress"):
-            raise ConfigError(f"{run_dir_of(Path(cfg.resume))} has finished all {state['epoch']} epochs; resume "
-                              f"with epochs=N (N > {state['epoch']}) to train longer")
+        from .checkpoint import state_of
+
+        state = state_of(ckpt)
+        if state.finished(cfg.epochs):
+            raise ConfigError(f"{run_dir_of(Path(cfg.resume))} has finished all {state.epoch} epochs; resume "
+                              f"with epochs=N (N > {state.epoch}) to train longer")
     return cfg, ckpt
 
 

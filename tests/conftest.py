@@ -149,6 +149,12 @@ def cifar_root(tmp_path_factory) -> Path:
     return write_cifar(tmp_path_factory.mktemp("cifar"))
 
 
+@pytest.fixture(scope="session")
+def small_cifar_root(tmp_path_factory) -> Path:
+    """240 training and 40 test images: with dataset.val_size=40 and batch_size=32, 6 steps an epoch."""
+    return write_cifar(tmp_path_factory.mktemp("small-cifar"), n_train=240, n_test=40)
+
+
 def write_image_folder(root: Path, splits: dict[str, int], num_classes: int = 4, size: int | tuple[int, int] = 32,
                        seed: int = 0) -> Path:
     """root/<split>/<class>/<i>.png|jpg with `splits` = {"train": n, "test": n, ...}."""

@@ -117,9 +117,9 @@ def user(tmp_path_factory) -> Runner:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         torch.save(getattr(torchvision.models, arch)().state_dict(), cache / Path(weights.url).name)
     runner = Runner(cwd / "work", TORCH_HOME=str(torch_home))
-    write_cifar(runner.cwd / "data", "cifar10", n_train=240, n_test=40)
-    write_cifar(runner.cwd / "data", "cifar100", n_train=240, n_test=40)
-    write_image_folder(runner.cwd / "pets", {"train": 120, "test": 40}, num_classes=3)
+    write_cifar(runner.cwd / "data", "cifar10", n_train=120, n_test=24)  # 80 training images: 2 steps an epoch
+    write_cifar(runner.cwd / "data", "cifar100", n_train=120, n_test=24)
+    write_image_folder(runner.cwd / "pets", {"train": 80, "test": 16}, num_classes=3)
     write_image_folder(runner.cwd / "more_photos", {"x": 6}, num_classes=3)
     Image.fromarray(make_images(1)[0][0]).save(runner.cwd / "cat.png")
     return runner

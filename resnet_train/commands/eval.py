@@ -13,7 +13,7 @@ from ..config import apply_command_line, compose_train, validate
 from ..device import describe
 from ..engine import evaluate
 from ..errors import ConfigError, DataError
-from ..files import write_json
+from ..files import check_writable, write_json
 from ..runs import find_checkpoint, run_dir_of
 
 # Where and how the training run ran says nothing about where it is evaluated: these start from
@@ -32,6 +32,8 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
                                  compose_train([]), training_overrides, lambda key: not key.startswith("model"),
                                  "the model is fixed by the checkpoint")
     validate(run_cfg)
+    output = Path(cfg.output) if cfg.output else run_dir_of(checkpoint) / "eval.json"
+    check_writable(output)
     trained = model_from_checkpoint(checkpoint, run_cfg.device, run_cfg.precision, run_cfg.channels_last, ckpt)
     norm = ckpt["normalization"]
     data = load_data(run_cfg, trained.device, mean=norm["mean"], std=norm["std"])
@@ -50,7 +52,6 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
               "loss": result.loss, "accuracy": result.accuracy, "classes": data.classes,
               "per_class_accuracy": dict(zip(data.classes, result.per_class_accuracy)),
               "confusion_matrix": result.confusion.tolist()}
-    output = Path(cfg.output) if cfg.output else run_dir_of(checkpoint) / "eval.json"
     write_json(output, report)
     print(f"\nwrote {output}")
     return report

@@ -17,7 +17,7 @@ from ..config import positive_int
 from ..data import BatchTransform, decode_resized
 from ..device import Precision
 from ..errors import ConfigError, DataError
-from ..files import atomic_write
+from ..files import atomic_write, check_writable
 
 
 @dataclass
@@ -84,6 +84,7 @@ def predict(cfg: DictConfig) -> int:
     for key in ("topk", "batch_size"):
         if not positive_int(cfg[key]):
             raise ConfigError(f"{key}={cfg[key]!r} is invalid: expected a positive integer")
+    check_writable(Path(cfg.output))
     trained = model_from_checkpoint(cfg.checkpoint, cfg.device, cfg.precision)
     norm = trained.checkpoint["normalization"]
     transform = BatchTransform(norm["mean"], norm["std"], output_size=norm["image_size"],

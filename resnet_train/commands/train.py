@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import distributed, runs
+from .. import distributed, pause, runs
 from ..build import (
     build_model,
     build_optimizer_and_scheduler,
@@ -28,7 +28,8 @@ from ..checkpoint import RunCheckpoints, check_classes, restore_training
 from ..config import hparam_values
 from ..data import Shard
 from ..device import describe
-from ..engine import TrainingInterrupted, TrainState, fit
+from ..engine import TrainingInterrupted
+from ..fit import Loop, TrainState, fit
 from ..errors import ConfigError, UserError
 from ..reporting import ImageSettings, RunLogger, SilentLogger
 from ..sweep import swept_keys
@@ -94,16 +95,15 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
         "config": stored_cfg, "classes": data.classes, "precision": precision.name,
         "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
                           "stored_size": data.stored_size},
-    }, device=device, writer=world.is_main)
+    }, device=device, writer=world.is_main, resumed_from=state if ckpt is not None else None)
     try:
         with GracefulStop() as stop:
-            metrics = fit(model, data, optimizer, scheduler, precision, scaler, epochs=cfg.epochs, state=state,
-                          logger=logger, checkpoints=checkpoints, label_smoothing=cfg.label_smoothing,
-                          log_every=cfg.log_every_n_steps, checkpoint_every=cfg.checkpoint.every_n_steps,
-                          should_stop=distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
-                          progress=cfg.progress if world.is_main else False, started_at=started_at,
-                          mistakes=cfg.tensorboard.mistakes if cfg.tensorboard.images else 0)
-        logger.finish(metrics, state.history, state.global_step)
+            loop = Loop(optimizer, scheduler, precision, scaler, logger, checkpoints, cfg.label_smoothing,
+                        cfg.log_every_n_steps, cfg.checkpoint.every_n_steps,
+                        distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
+                        cfg.progress if world.is_main else False,
+                        cfg.tensorboard.mistakes if cfg.tensorboard.images else 0)
+            metrics = fit(model, data, loop, state, cfg.epochs, started_at)
     except TrainingInterrupted:
         stop.signum = stop.signum or signal.SIGTERM  # another process received it
         log.warning(f"Stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step "
@@ -116,6 +116,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
     log.info(f"Done in {metrics['wall_seconds']:.0f}s. best val accuracy {_pct(metrics['best_val_accuracy'])} "
              f"(epoch {metrics['best_epoch']}), test accuracy {_pct(metrics['test_accuracy'])}. "
              f"Results in {_shown(run_dir)}")
+    pause.point("exit")
     return metrics
 
 
@@ -164,6 +165,7 @@ class GracefulStop:
         if self.signum is not None:
             os._exit(128 + signum)
         self.signum = signum
+        pause.release()
         log.warning(f"{signal.Signals(signum).name}: stopping after the current step and saving "
                     "(send it again to stop at once)")
 
