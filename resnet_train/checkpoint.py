@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from . import distributed, pause
-from .fit import TrainState
 from .errors import CheckpointError, TrainingDiverged
 from .files import atomic_write, storage_error
+from .fit import TrainState
 
 REQUIRED_KEYS = ("model", "config", "classes")
 

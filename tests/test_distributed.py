@@ -1,10 +1,6 @@
 """Several processes, one model: torchrun with gloo on the CPU, the SLURM launcher config, and the
 sharding that makes N processes see exactly what one process sees."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from omegaconf import OmegaConf
 from conftest import Runner, events, make_images, write_cifar, write_image_folder
+from omegaconf import OmegaConf
 from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -11,10 +11,10 @@ import torchvision
 from conftest import Runner, assert_ok, assert_one_error, write_image_folder
 
 from resnet_train import models
+from resnet_train.commands.summary import summarize
 from resnet_train.errors import ModelError
 from resnet_train.models import ARCHITECTURES
 from resnet_train.optim import param_groups
-from resnet_train.commands.summary import summarize
 
 
 @pytest.fixture(scope="module")

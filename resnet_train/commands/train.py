@@ -29,8 +29,8 @@ from ..config import hparam_values
 from ..data import Shard
 from ..device import describe
 from ..engine import TrainingInterrupted
-from ..fit import Loop, TrainState, fit
 from ..errors import ConfigError, UserError
+from ..fit import Loop, TrainState, fit
 from ..reporting import ImageSettings, RunLogger, SilentLogger
 from ..sweep import swept_keys
 

@@ -1,0 +1,146 @@
+"""Batches of one split on the training device: from memory (`MemoryLoader`) or decoded by DataLoader
+workers (`StreamLoader`), in an order seeded by (seed, epoch), sharded over data-parallel processes."""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .sources import DecodedFiles, from_workers
+from .transforms import BatchTransform, epoch_generator
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of the data when `world_size` processes train one model: of each global
+    training batch the `rank`-th slice, of evaluation data every `world_size`-th image."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def batch_slice(self, batch_size: int) -> slice:
+        return slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+
+    def eval_indices(self, n: int) -> range:
+        return range(self.rank, n, self.world_size)
+
+    def num_batches(self, n: int, batch_size: int, train: bool) -> int:
+        """Batches of `batch_size` per process in an epoch of `n` images: full global batches when
+        training, every image of the shard when evaluating."""
+        if train:
+            return n // (batch_size * self.world_size)
+        return math.ceil(len(self.eval_indices(n)) / batch_size)
+
+
+class MemoryLoader:
+    """Batches sliced from uint8 NHWC images held on the training device. `batch_size` is per
+    process; with a `shard` the epoch's order and augmentation are those of the global batch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform: BatchTransform,
+                 train: bool, seed: int = 0, shard: Shard = Shard()):
+        self.images, self.labels = images, labels
+        self.batch_size, self.transform, self.train, self.seed, self.shard = batch_size, transform, train, seed, shard
+        self.epoch, self.skip = 0, 0
+        self.eval_order = None if train else torch.tensor(shard.eval_indices(len(labels)), device=images.device)
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch (also when this one starts after `skip` batches)."""
+        return self.shard.num_batches(len(self.labels), self.batch_size, self.train)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order and augmentation of `epoch`; start after its first `skip` batches (mid-epoch resume)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[Batch]:
+        device = self.images.device
+        if not self.train:
+            for i in range(len(self)):
+                idx = self.eval_order[i * self.batch_size:(i + 1) * self.batch_size]
+                yield self.transform(self.images[idx]), self.labels[idx]
+            return
+        # shuffled, full batches only (BatchNorm dislikes a batch of 1)
+        global_batch = self.batch_size * self.shard.world_size
+        mine = self.shard.batch_slice(self.batch_size)
+        g = epoch_generator(self.seed, self.epoch, device)
+        order = torch.randperm(len(self.labels), generator=g, device=device)
+        for _ in range(self.skip):
+            self.transform.skip(global_batch, g)
+        for i in range(self.skip, len(self)):
+            idx = order[i * global_batch:(i + 1) * global_batch][mine]
+            yield self.transform(self.images[idx], g, draws=global_batch, keep=mine), self.labels[idx]
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """This process's indices of one epoch: for training its slice of each global batch of a
+    permutation seeded by (seed, epoch), from global batch `start` on; for evaluation its shard."""
+
+    def __init__(self, n: int, seed: int, train: bool, batch_size: int, shard: Shard):
+        self.n, self.seed, self.train, self.batch_size, self.shard = n, seed, train, batch_size, shard
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        if not self.train:
+            return len(self.shard.eval_indices(self.n))
+        return (self.shard.num_batches(self.n, self.batch_size, True) - self.start) * self.batch_size
+
+    def __iter__(self):
+        if not self.train:
+            return iter(self.shard.eval_indices(self.n))
+        order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu")))
+        global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
+        batches = order[:self.n // global_batch * global_batch].view(-1, global_batch)[self.start:, mine]
+        return iter(batches.reshape(-1).tolist())
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StreamLoader:
+    """Image files decoded by DataLoader workers; augmentation still runs per batch on the device."""
+
+    def __init__(self, samples: list[tuple[str, int]], image_size: int, batch_size: int, transform: BatchTransform,
+                 train: bool, device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard()):
+        self.transform, self.train, self.device, self.seed, self.shard = transform, train, device, seed, shard
+        self.batch_size, self.epoch, self.skip = batch_size, 0, 0
+        self.sampler = _EpochSampler(len(samples), seed, train, batch_size, shard)
+        self.loader = torch.utils.data.DataLoader(
+            DecodedFiles(samples, image_size), batch_size=batch_size, sampler=self.sampler, drop_last=train,
+            num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_ignore_sigint)
+        self.num_images = len(samples)
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch (also when this one starts after `skip` batches)."""
+        return self.shard.num_batches(self.num_images, self.batch_size, self.train)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order and augmentation of `epoch`; start after its first `skip` batches (mid-epoch resume)."""
+        self.epoch = self.sampler.epoch = epoch
+        self.skip = self.sampler.start = skip if self.train else 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        g = epoch_generator(self.seed, self.epoch, self.device) if self.train else None
+        global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
+        for _ in range(self.skip):
+            self.transform.skip(global_batch, g)
+        for images, labels in from_workers(self.loader):
+            images = images.to(self.device, non_blocking=True)
+            yield (self.transform(images, g, draws=global_batch, keep=mine),
+                   labels.to(self.device, non_blocking=True))
+
+
+Loader = MemoryLoader | StreamLoader
+

@@ -1,0 +1,200 @@
+"""Data on disk: CIFAR-10/100 (through torchvision, with its integrity check) and image folders
+(decoded to uint8 RGB at a size), and the validation split held out of training."""
+
+from __future__ import annotations
+
+import urllib.error
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms.v2 import functional as TF
+
+from ..errors import DataError
+
+
+@dataclass
+class Split:
+    """Images of one split: decoded (`images`, uint8 NHWC) or as file paths (`samples`)."""
+
+    labels: torch.Tensor
+    images: torch.Tensor | None = None
+    samples: list[tuple[str, int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        return Split(self.labels[idx],
+                     None if self.images is None else self.images[idx],
+                     None if self.samples is None else [self.samples[i] for i in idx.tolist()])
+
+
+CIFAR = {"cifar10": (datasets.CIFAR10, "CIFAR-10"), "cifar100": (datasets.CIFAR100, "CIFAR-100")}
+
+
+def load_cifar(name: str, root: str | Path, download: bool) -> tuple[Split, Split, list[str]]:
+    """CIFAR-10/100 train and test splits from `root/cifar-10(0)-batches-py` (downloaded if allowed)."""
+    cls, title = CIFAR[name]
+    root = Path(root).expanduser().resolve()
+    folder = root / cls.base_folder
+    try:
+        train = cls(root, train=True, download=False)
+    except RuntimeError:
+        if not download:
+            raise DataError(_cifar_help(cls, title, root, folder, "dataset.download=false")) from None
+        try:
+            train = _quiet_download(cls, root)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise DataError(_cifar_help(cls, title, root, folder, f"downloading it failed ({_reason(e)})")) from None
+    except Exception as e:  # unreadable pickles
+        raise DataError(f"{title} files in {folder} could not be read ({e}); delete them to download again") from None
+    test = cls(root, train=False)
+
+    def split(ds) -> Split:
+        return Split(torch.as_tensor(ds.targets, dtype=torch.int64), images=torch.from_numpy(np.ascontiguousarray(ds.data)))
+    return split(train), split(test), list(train.classes)
+
+
+def _quiet_download(cls, root: Path):
+    """Download into `root`; a failed download leaves no empty folders behind."""
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        return cls(root, train=True, download=True)
+    except BaseException:
+        for p in created:  # deepest first
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
+
+
+def _reason(e: Exception) -> str:
+    return str(getattr(e, "reason", None) or e)
+
+
+def _cifar_help(cls, title: str, root: Path, folder: Path, why: str) -> str:
+    state = "has files that failed the integrity check" if folder.is_dir() else "does not exist"
+    return (f"no usable {title} in dataset.root={root}: {folder} {state}, and {why}. To provide it offline, "
+            f"fetch {cls.url} on a machine with internet and put {cls.filename} into {root} (or extract it there, "
+            f"giving {folder}/), or point dataset.root at a folder that contains {cls.base_folder}/")
+
+
+def decode_resized(path: str, size: int) -> torch.Tensor:
+    """Decode one image file as RGB uint8 CHW, shorter side resized to `size`, center-cropped square."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
+            img = TF.pil_to_tensor(_as_8bit_rgb(im, path))
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"could not read image {path}: {e}") from None
+    if img.shape[-2:] != (size, size):
+        img = TF.center_crop(TF.resize(img, size, antialias=True), size)
+    return img
+
+
+def _as_8bit_rgb(im: Image.Image, path: str) -> Image.Image:
+    """RGB with 8 bits per channel. PIL's convert("RGB") clips 16-bit grayscale (mode I;16, I) at 255
+    -- a 0..65535 gradient becomes almost all white -- so those are scaled down (>> 8) first."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im).astype(np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise DataError(f"could not read image {path}: {im.mode} pixel values outside 0..65535 "
+                            "(convert it to an 8- or 16-bit image)")
+        return Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        raise DataError(f"could not read image {path}: floating-point pixels (mode F) have no fixed range; "
+                        "convert it to an 8- or 16-bit image")
+    return im.convert("RGB")
+
+
+def list_image_folder(folder: Path, class_to_idx: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """Samples and class names of an ImageFolder-style tree (`folder/<class>/<image>`)."""
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist; expected {folder}/<class>/<image files>")
+    try:
+        classes, found_idx = find_classes(folder)
+    except FileNotFoundError:
+        raise DataError(f"no class folders in {folder}; expected {folder}/<class>/<image files>") from None
+    if class_to_idx is not None:
+        unknown = sorted(set(classes) - set(class_to_idx))
+        if unknown:
+            raise DataError(f"{folder} has classes that train/ does not: {', '.join(unknown[:10])}")
+    samples = make_dataset(folder, class_to_idx or found_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DataError(f"no images in the class folders of {folder} (looked for {', '.join(IMG_EXTENSIONS)})")
+    if class_to_idx is None:  # the training split defines the classes: each needs images, and two at least
+        counts = Counter(label for _, label in samples)
+        empty = [c for i, c in enumerate(classes) if not counts[i]]
+        if empty:
+            raise DataError(f"class folder {folder / empty[0]} has no images ({len(empty)} empty in all); "
+                            "add images or remove the folder")
+        if len(classes) < 2:
+            raise DataError(f"{folder} has one class ({classes[0]}); a classifier needs at least two class folders")
+    return samples, classes
+
+
+class DecodedFiles(torch.utils.data.Dataset):
+    """Files → uint8 HWC tensors at `size` x `size` (shorter side resized, then center-cropped)."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int):
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return decode_resized(path, self.size).permute(1, 2, 0), label
+
+
+def decode_all(samples: list[tuple[str, int]], size: int, num_workers: int) -> torch.Tensor:
+    """Decode every file once, in parallel, into one uint8 NHWC tensor."""
+    loader = torch.utils.data.DataLoader(DecodedFiles(samples, size), batch_size=256, num_workers=num_workers)
+    out = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
+    i = 0
+    for images, _ in from_workers(loader):
+        out[i:i + len(images)] = images
+        i += len(images)
+    return out
+
+
+def from_workers(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """Iterate `loader`; a DataError raised in a worker process arrives as one line again (PyTorch
+    re-raises it with the worker's whole traceback as its message)."""
+    try:
+        yield from loader
+    except DataError as e:
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise DataError(lines[-1].split("DataError: ", 1)[-1] if lines else str(e)) from None
+
+
+def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val) with `val_size` val images drawn per class in proportion to its size."""
+    n = len(labels)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    classes, counts = labels.unique(return_counts=True)
+    share = counts.double() * val_size / n
+    quota = share.floor().long()
+    leftover = val_size - int(quota.sum())
+    quota[torch.argsort(share - quota, descending=True, stable=True)[:leftover]] += 1  # largest remainders
+    shuffled = labels[perm]
+    val = torch.cat([perm[shuffled == c][:q] for c, q in zip(classes.tolist(), quota.tolist())])
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val] = False
+    return mask.nonzero().squeeze(1), val.sort().values
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 scale) of uint8 NHWC images."""
+    x = images.reshape(-1, images.shape[-1]).double() / 255
+    return x.mean(0).tolist(), x.std(0).tolist()
+
+
