@@ -21,9 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from . import device as devices
 from . import distributed
 from .config import arch_of, stem_of
-from .data import Data, Shard, build_data
+from .data import Augment, Data, Shard, build_data
 from .device import Precision
+from .ema import WeightEMA
+from .engine import StepSettings
 from .errors import ConfigError
+from .mixing import Mixer
 from .optim import Scheduler, build_optimizer
 
 log = logging.getLogger("resnet_train")
@@ -68,9 +71,12 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
 def load_data(cfg: DictConfig, device: torch.device, shard: Shard = Shard(), **overrides: Any) -> Data:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.update(overrides)
+    augment = OmegaConf.to_container(cfg.augment, resolve=True)
+    augment["crop_scale"] = tuple(augment["crop_scale"])
     with distributed.local_main_first():  # one process per machine downloads, the others read its files
         return build_data(
-            **dataset, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+            **dataset, augment=Augment(**augment), batch_size=cfg.batch_size,
+            eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
             device=device, seed=cfg.seed, num_workers=cfg.num_workers,
             channels_last=use_channels_last(cfg.channels_last, device), shard=shard, log=log.info)
 
@@ -156,6 +162,8 @@ def check_buildable(cfg: DictConfig) -> None:
     """Build the optimizer and schedule for one dummy parameter: an argument the optimizer does not
     take (`+optim.foo=1`) or rejects (`optim.betas=[0.9]`) fails now, before any data is read."""
     dummy = torch.nn.Linear(1, 1)
+    if cfg.epochs == "auto":  # (time_budget chooses it later)
+        cfg = OmegaConf.merge(cfg, {"epochs": 1})
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, dummy, 1, torch.device("cpu"))
     try:
         dummy(torch.zeros(1, 1)).sum().backward()
@@ -174,6 +182,16 @@ def check_weights_fit(ckpt: dict, source: str) -> None:
     with torch.device("meta"):
         model = _instantiate({**_model_args(cfg), "pretrained": None}, num_classes=len(ckpt["classes"]))
     check_model_state(model, ckpt["model"], source)
+
+
+def step_settings(cfg: DictConfig, model: torch.nn.Module) -> StepSettings:
+    """How each optimizer step is made: label smoothing, accumulation, clipping, MixUp/CutMix, EMA
+    (of `model` as it is now: on its device, before any DDP or compile wrapper)."""
+    mix = cfg.mix
+    mixer = Mixer(mix.mixup_alpha, mix.cutmix_alpha, mix.prob, mix.switch_prob, cfg.seed)
+    ema = WeightEMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
+    return StepSettings(cfg.label_smoothing, cfg.accumulate_grad_batches, cfg.grad_clip_norm,
+                        mixer if mixer.active else None, ema)
 
 
 def wrap_for_training(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.nn.Module:
@@ -204,6 +222,12 @@ class TrainedModel:
     def classes(self) -> list[str]:
         return self.checkpoint["classes"]
 
+    @property
+    def uses_ema(self) -> bool:
+        from .checkpoint import selected_weights
+
+        return selected_weights(self.checkpoint) is not self.checkpoint["model"]
+
 
 def model_from_checkpoint(path: str | Path, device: str = "auto", precision: str = "auto",
                           channels_last: bool | str = "auto", loaded: dict | None = None) -> TrainedModel:
@@ -211,7 +235,7 @@ def model_from_checkpoint(path: str | Path, device: str = "auto", precision: str
     precision and memory format resolved on that device, not taken from the training machine: a
     checkpoint written on cuda:3 in fp16 loads and runs on a CPU-only laptop. `loaded`: the
     file's contents when the caller has read it already."""
-    from .checkpoint import load_checkpoint, load_model_state
+    from .checkpoint import load_checkpoint, load_model_state, selected_weights
     from .runs import find_checkpoint
 
     path = find_checkpoint(str(path), "best.pt")
@@ -220,7 +244,7 @@ def model_from_checkpoint(path: str | Path, device: str = "auto", precision: str
     torch_device, resolved = pick_device_and_precision(device, precision)
     cfg.channels_last = channels_last
     model = build_model(cfg, len(ckpt["classes"]), torch_device, load_pretrained=False)
-    load_model_state(model, ckpt["model"], str(path))
+    load_model_state(model, selected_weights(ckpt), str(path))
     return TrainedModel(model.eval(), ckpt, path, cfg, torch_device, resolved)
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed, pause
+from .ema import WeightEMA
 from .errors import CheckpointError, TrainingDiverged
 from .files import atomic_write, storage_error
 from .fit import TrainState
@@ -76,6 +77,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is a torch file but not a resnet-train checkpoint "
                               f"(it lacks {', '.join(k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt)})")
     return ckpt
+
+
+def selected_weights(ckpt: dict) -> dict:
+    """The weights a run chose to be judged by: its EMA weights where it kept them and selects them
+    (ema.evaluate), else the trained weights."""
+    evaluate_ema = ckpt["config"].get("ema", {}).get("evaluate", True)
+    return ckpt["ema"]["weights"] if "ema" in ckpt and evaluate_ema else ckpt["model"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -155,7 +163,8 @@ def restore_rng_states(saved: list[dict] | dict, device: torch.device) -> None:
 
 
 def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     scaler: torch.amp.GradScaler, source: str, device: torch.device) -> TrainState:
+                     scaler: torch.amp.GradScaler, source: str, device: torch.device,
+                     ema: WeightEMA | None = None) -> TrainState:
     """Put model, optimizer, scheduler, scaler and RNGs back where `ckpt` left them. The device and
     precision may differ from the run's: a grad scaler starts fresh when the run had none (bf16
     or fp32 before, fp16 now) and is dropped when this run needs none."""
@@ -173,6 +182,10 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimi
         group.update(chosen)  # fused/foreach kernels as chosen for this device, not the saving one
     if ckpt["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        if "ema" not in ckpt:
+            raise CheckpointError(f"{source} cannot be resumed with ema.decay > 0: it holds no EMA weights")
+        ema.load_state_dict(ckpt["ema"])
     restore_rng_states(ckpt["rng"], device)
     return state_of(ckpt)
 
@@ -189,9 +202,9 @@ class RunCheckpoints:
 
     def __init__(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, scaler: torch.amp.GradScaler, metadata: dict, device: torch.device,
-                 writer: bool = True, resumed_from: TrainState | None = None):
+                 writer: bool = True, resumed_from: TrainState | None = None, ema: WeightEMA | None = None):
         self.directory, self.writer, self.device = directory, writer, device
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
         self.metadata = metadata  # config, classes, normalization, precision
         self.saved: TrainState | None = resumed_from  # what last.pt holds now
 
@@ -199,7 +212,7 @@ class RunCheckpoints:
         return self.directory / f"{name}.pt"
 
     def save_last(self, state: TrainState) -> None:
-        bad = first_nonfinite(self.model, self.optimizer)
+        bad = first_nonfinite(self.model, self.optimizer, self.ema)
         if bad is not None:
             raise TrainingDiverged(f"the weights became NaN/inf by step {state.global_step} ({bad} is not finite); "
                                    "lower optim.lr or add scheduler.warmup_epochs")
@@ -212,6 +225,7 @@ class RunCheckpoints:
                 "scaler": self.scaler.state_dict(),
                 "state": asdict(state),
                 "rng": rng,
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 **self.metadata,
             }, self.path("last"))
         self.saved = TrainState(**asdict(state))
@@ -246,15 +260,19 @@ class RunCheckpoints:
             ckpt["state"] = asdict(state)
             atomic_save(ckpt, self.path("last"))
 
-    def load_model_weights(self, name: str) -> None:
+    def load_model_weights(self, name: str, ema: bool = False) -> None:
+        """The model gets the weights of checkpoint `name` (its EMA weights with `ema`)."""
         distributed.barrier()  # the first process has written it
-        load_model_state(self.model, load_checkpoint(self.path(name))["model"], str(self.path(name)))
+        ckpt = load_checkpoint(self.path(name))
+        load_model_state(self.model, ckpt["ema"]["weights"] if ema else ckpt["model"], str(self.path(name)))
 
 
-def first_nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
-    """The name of the first parameter, buffer or optimizer state tensor holding NaN/inf, or None.
-    One host sync when all are finite."""
+def first_nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer, ema: WeightEMA | None = None) -> str | None:
+    """The name of the first parameter, buffer or optimizer (or EMA) state tensor holding NaN/inf,
+    or None. One host sync when all are finite."""
     named = [(f"model.{n}", t) for n, t in unwrap(model).state_dict().items()]
+    if ema is not None:
+        named += [(f"ema.{n}", t) for n, t in ema.module.state_dict().items()]
     named += [(f"optimizer.{k}", t) for i, s in enumerate(optimizer.state.values()) for k, t in s.items()
               if isinstance(t, torch.Tensor)]
     named = [(n, t) for n, t in named if t.is_floating_point()]

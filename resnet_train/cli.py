@@ -30,6 +30,7 @@ from .errors import Refused, UserError
 from .files import STORAGE_ERRNOS, storage_error
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+STARTED = time.time()  # (time_budget counts from here: the command's own start, imports included)
 log = logging.getLogger("resnet_train")
 
 
@@ -78,6 +79,9 @@ def as_job(fn: Callable[..., Any], cfg: DictConfig, *args: Any) -> Any:
             raise Refused(e) from None
         log.error(f"error: {e}")
         raise
+    except BrokenPipeError:  # the output went to `head` or a closed pager: stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
 
 
 def _out_of_memory(cfg: DictConfig) -> UserError:
@@ -96,7 +100,8 @@ def _train_app(cfg: DictConfig) -> float | None:
     from .commands.train import train
 
     hydra_cfg = HydraConfig.get()
-    metrics = as_job(train, cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
+    metrics = as_job(train, cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task),
+                     None if sweep.swept_keys() else STARTED)
     return metrics["best_val_accuracy"]  # what a Hydra sweeper (e.g. Optuna) maximizes
 
 

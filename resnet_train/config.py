@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -79,6 +80,24 @@ def increasing_epochs(v: Any) -> bool:
     return isinstance(v, list) and all(is_number(x) and x > 0 for x in v) and v == sorted(v)
 
 
+def area_range(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(is_number(x) for x in v) and 0 < v[0] <= v[1] <= 1
+
+
+def duration_seconds(value: Any) -> float | None:
+    """A time budget as seconds: a number of seconds, or text like 600s, 10m, 1h30m, 1.5h; None if
+    it is none of these."""
+    if is_number(value) and value > 0:
+        return float(value)
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*",
+                         str(value)) if isinstance(value, str) and value.strip() else None
+    if match is None or not any(match.groups()):
+        return None
+    hours, minutes, seconds = (float(g or 0) for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    return total if total > 0 else None
+
+
 # --------------------------------------------------------------------------------------------
 # The schema
 # --------------------------------------------------------------------------------------------
@@ -98,11 +117,28 @@ class Key:
 YES_NO = "true or false"
 KEYS: dict[str, Key] = {
     # the run
-    "epochs": Key(positive_int, "a positive integer", resumable=True, hparam="epochs"),
+    "epochs": Key(lambda v: positive_int(v) or v == "auto", "a positive integer, or auto with time_budget",
+                  resumable=True, hparam="epochs"),
+    "time_budget": Key(lambda v: v is None or duration_seconds(v) is not None, "null, seconds or a duration "
+                       "like 10m or 1h30m"),
     "batch_size": Key(positive_int, "a positive integer", hparam="batch_size"),
     "eval_batch_size": Key(optional(positive_int), "a positive integer or null", resumable=True),
     "seed": Key(non_negative_int, "a non-negative integer", hparam="seed"),
     "label_smoothing": Key(number_in(0, 1), "a number in [0, 1)", hparam="label_smoothing"),
+    "mix.mixup_alpha": Key(number_in(0, math.inf), "a number >= 0 (0: off)", hparam="mixup_alpha"),
+    "mix.cutmix_alpha": Key(number_in(0, math.inf), "a number >= 0 (0: off)", hparam="cutmix_alpha"),
+    "mix.prob": Key(number_in(0, 1, high_open=False), "a number in [0, 1]"),
+    "mix.switch_prob": Key(number_in(0, 1, high_open=False), "a number in [0, 1]"),
+    "ema.decay": Key(number_in(0, 1), "a number in [0, 1) (0: off)", hparam="ema_decay"),
+    "ema.warmup": Key(boolean, YES_NO),
+    "ema.evaluate": Key(boolean, YES_NO),
+    "tta": Key(one_of("none", "flip", "flip_translate"), "none, flip or flip_translate", hparam="tta"),
+    "grad_clip_norm": Key(optional(positive_number), "null or a positive number", hparam="grad_clip_norm"),
+    "accumulate_grad_batches": Key(positive_int, "a positive integer", hparam="accumulate_grad_batches"),
+    "early_stopping.patience": Key(non_negative_int, "a non-negative integer (0: off)"),
+    "early_stopping.min_epochs": Key(non_negative_int, "a non-negative integer"),
+    "early_stopping.metric": Key(one_of("val_accuracy", "val_loss"), "val_accuracy or val_loss"),
+    "early_stopping.min_delta": Key(number_in(0, math.inf), "a number >= 0"),
     "resume": Key(optional(lambda v: isinstance(v, str) and v != ""), "a checkpoint, a run dir or latest"),
     # where and how fast it runs
     "device": Key(lambda v: isinstance(v, str), "auto, cpu, cuda, cuda:N or mps", resumable=True),
@@ -135,12 +171,22 @@ KEYS: dict[str, Key] = {
     "dataset.normalize": Key(boolean, YES_NO),
     "dataset.mean": Key(optional(three_numbers(positive=False)), "null or a list of 3 numbers"),
     "dataset.std": Key(optional(three_numbers(positive=True)), "null or a list of 3 positive numbers"),
-    "dataset.augment.crop_padding": Key(non_negative_int, "a non-negative integer (pixels)"),
-    "dataset.augment.hflip": Key(boolean, YES_NO),
     "dataset.val_size": Key(lambda v: non_negative_int(v) or (isinstance(v, float) and 0 < v < 1),
                             "a count >= 0 or a fraction between 0 and 1"),
     "dataset.split_seed": Key(non_negative_int, "a non-negative integer"),
     "dataset.loader": Key(one_of("auto", "memory", "stream"), "auto, memory or stream", resumable=True),
+    # augmentation (training batches only)
+    "augment.crop": Key(one_of("pad", "resized", "none"), "pad, resized or none"),
+    "augment.crop_padding": Key(non_negative_int, "a non-negative integer (pixels)"),
+    "augment.crop_scale": Key(area_range, "[min, max] shares of the image area, 0 < min <= max <= 1"),
+    "augment.hflip": Key(boolean, YES_NO),
+    "augment.policy": Key(one_of("none", "trivialaugment", "randaugment", "autoaugment"),
+                          "none, trivialaugment, randaugment or autoaugment", hparam="augment"),
+    "augment.num_ops": Key(lambda v: is_int(v) and 1 <= v <= 14, "an integer in 1..14"),
+    "augment.magnitude": Key(lambda v: is_int(v) and 0 <= v <= 30, "an integer in 0..30 (a magnitude bin)"),
+    "augment.color_jitter": Key(number_in(0, 1), "a number in [0, 1) (0: off)"),
+    "augment.cutout": Key(non_negative_int, "a non-negative integer (pixels; 0: off)"),
+    "augment.erasing": Key(number_in(0, 1, high_open=False), "a probability in [0, 1] (0: off)"),
     # the optimizer (open group: these are checked where the chosen optimizer has them)
     "optim._target_": Key(lambda v: isinstance(v, str), "an optimizer class", hparam="optim"),
     "optim.lr": Key(positive_number, "a positive number", hparam="optim.lr"),
@@ -188,6 +234,11 @@ def validate(cfg: DictConfig) -> None:
             if not name.startswith("_") and not all(is_number(v) or isinstance(v, bool) for v in items):
                 raise ConfigError(f"{group}.{name}={value!r} is invalid: expected a finite number")
     check_model_options(cfg)
+    if cfg.epochs == "auto" and cfg.time_budget is None:
+        raise ConfigError("epochs=auto needs time_budget: time_budget=10m epochs=auto trains as many epochs as "
+                          "fit in 10 minutes")
+    if cfg.time_budget is not None and cfg.epochs != "auto" and not cfg.resume:  # (resumed: the chosen number)
+        raise ConfigError(f"time_budget={cfg.time_budget} picks the number of epochs: set epochs=auto with it")
 
 
 def leaves(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -362,9 +413,11 @@ def _under(key: str, named: list[str]) -> bool:
 
 def derived_from(key: str, given: Any, stored: Any, cfg: DictConfig) -> bool:
     """A stored value the run worked out from the given one: statistics computed for a null
-    mean/std, and the stem chosen for model.stem=auto."""
+    mean/std, the stem chosen for model.stem=auto, the epochs chosen for epochs=auto."""
     if key in ("dataset.mean", "dataset.std"):
         return given is None
     if key == "model.stem":
         return given == "auto" and stored in ("cifar", "imagenet")
+    if key == "epochs":  # the number time_budget chose
+        return given == "auto" and is_int(stored)
     return False

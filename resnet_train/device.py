@@ -108,3 +108,11 @@ class Precision:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not."""
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (for timing; never in the training loop)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

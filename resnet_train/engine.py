@@ -6,6 +6,7 @@ sync) once per `log_every` steps and at the end of an epoch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,7 +19,9 @@ from tqdm.auto import tqdm
 from . import distributed, pause
 from .data import Loader
 from .device import Precision
+from .ema import WeightEMA
 from .errors import TrainingDiverged
+from .mixing import Mixed, Mixer
 from .optim import Scheduler
 
 
@@ -42,6 +45,7 @@ class EvalResult:
     seconds: float
     confusion: torch.Tensor  # (classes, classes) counts: rows true, columns predicted
     mistakes: Mistakes | None = None  # the most confident wrong predictions, when asked for
+    top5_accuracy: float | None = None  # with more than 5 classes
 
     @property
     def per_class_accuracy(self) -> list[float]:
@@ -141,22 +145,35 @@ class _Meter:
 StepLogger = Callable[[int, float, float], None]  # (global step, mean loss since last call, lr)
 
 
+@dataclass
+class StepSettings:
+    """How each optimizer step is made, besides the model, data and optimizer."""
+
+    label_smoothing: float = 0.0
+    accumulate: int = 1  # micro-batches per optimizer step (gradients summed, loss / accumulate)
+    grad_clip_norm: float | None = None  # clip the global gradient L2 norm (unscaled first under fp16)
+    mixer: Mixer | None = None  # MixUp / CutMix
+    ema: WeightEMA | None = None  # updated after every optimizer step
+
+
 def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
-                    precision: Precision, scaler: torch.amp.GradScaler, *, global_step: int = 0,
-                    start: EpochProgress | None = None, label_smoothing: float = 0.0, log_every: int = 50,
+                    precision: Precision, scaler: torch.amp.GradScaler, settings: StepSettings = StepSettings(), *,
+                    global_step: int = 0, start: EpochProgress | None = None, log_every: int = 50,
                     on_log: StepLogger | None = None, checkpoint_every: int = 0,
                     on_checkpoint: Callable[[EpochProgress, int], None] | None = None,
                     should_stop: Callable[[], bool] | None = None, desc: str = "train",
                     progress: bool | None = None) -> tuple[EpochResult, int]:
     """One pass over `loader` (from batch `start.step` when resuming mid-epoch); returns the epoch's
-    mean loss and accuracy and the new global step.
+    mean loss and accuracy and the new global step (optimizer steps; with accumulation each takes
+    `settings.accumulate` batches, and a last incomplete group of batches is left out).
 
     Every `checkpoint_every` global steps `on_checkpoint(progress, global_step)` is called; when
     `should_stop()` turns true, TrainingInterrupted is raised after the current step. A NaN or
     infinite loss raises TrainingDiverged naming the step and its learning rate."""
     model.train()
     device = next(model.parameters()).device
-    start = start or EpochProgress()
+    start, k = start or EpochProgress(), settings.accumulate
+    usable = len(loader) // k * k
     meter, clock = _Meter(device, start), time.perf_counter() - start.seconds
     logged_sum, logged_images, window_lrs = start.logged_loss_sum, start.logged_images, {}
 
@@ -176,24 +193,25 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         return EpochProgress(step, loss_sum, correct, meter.images, logged_sum, logged_images,
                              time.perf_counter() - clock)
 
-    bar = tqdm(total=len(loader), initial=start.step, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+    bar = tqdm(total=usable, initial=start.step, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
                disable=None if progress is None else not progress)
     try:
         for i, (images, labels) in enumerate(loader, start.step + 1):
-            global_step += 1
-            window_lrs[global_step] = scheduler.get_last_lr()[0]  # the lr this step uses
-            with precision.autocast():
-                logits = model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            meter.add(loss, logits, labels, global_step)
+            if i > usable:
+                break
+            window_lrs[global_step + 1] = scheduler.get_last_lr()[0]  # the lr this optimizer step uses
+            if (i - 1) % k == 0:  # the first batch of a step (the last step's gradients stay for histograms)
+                optimizer.zero_grad(set_to_none=True)
+            loss, logits, labels = _forward_backward(model, images, labels, precision, scaler, settings,
+                                                     synchronize=i % k == 0)
+            meter.add(loss, logits, labels, global_step + 1)
             bar.update(1)
+            if i % k:
+                continue
+            global_step += 1
+            _optimizer_step(model, optimizer, scheduler, scaler, settings)
             pause.point("train_step")
-            if i % log_every == 0 or i == len(loader):
+            if (i // k) % log_every == 0 or i == usable:
                 loss_sum, correct = read_finite()
                 images_so_far = meter.total_images
                 window_loss = (loss_sum - logged_sum) / (images_so_far - logged_images)
@@ -206,7 +224,7 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
                 logged_sum, logged_images, window_lrs = loss_sum, images_so_far, {}
             if should_stop is not None and should_stop():
                 raise TrainingInterrupted(snapshot(i), global_step)
-            if checkpoint_every and global_step % checkpoint_every == 0 and i < len(loader) and on_checkpoint:
+            if checkpoint_every and global_step % checkpoint_every == 0 and i < usable and on_checkpoint:
                 on_checkpoint(snapshot(i), global_step)
     finally:
         bar.close()
@@ -215,14 +233,63 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
     return EpochResult(loss_sum / n, correct / n, meter.total_images, time.perf_counter() - clock), global_step
 
 
+def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: Precision,
+                      scaler: torch.amp.GradScaler, settings: StepSettings,
+                      synchronize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and gradients of one (micro-)batch; the labels accuracy counts against. Under DDP the
+    gradients are all-reduced only with the last micro-batch of an optimizer step."""
+    mixed = settings.mixer(images, labels) if settings.mixer is not None else Mixed(images, labels, labels, 1.0)
+    no_sync = getattr(model, "no_sync", None)
+    with no_sync() if no_sync is not None and not synchronize else contextlib.nullcontext():
+        with precision.autocast():
+            logits = model(mixed.images)
+            loss = mixed.loss(logits, settings.label_smoothing)
+        scaler.scale(loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
+    return loss, logits, mixed.dominant
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
+                    scaler: torch.amp.GradScaler, settings: StepSettings) -> None:
+    if settings.grad_clip_norm:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm, foreach=True)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    if settings.ema is not None:
+        settings.ema.update()
+
+
+TTA = ("none", "flip", "flip_translate")
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """float32 logits, averaged over test-time augmentations of the batch: `flip` averages the image
+    and its mirror; `flip_translate` (airbench's) adds, at half the weight, the mirrored pairs of the
+    image shifted by one pixel up-left and down-right (reflected at the border)."""
+    if tta == "none":
+        return model(images).float()
+
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (model(x).float() + model(x.flip(-1)).float())
+    logits = mirrored(images)
+    if tta == "flip":
+        return logits
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
+    return 0.5 * logits + 0.5 * shifted
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes: int, *,
-             mistakes: int = 0, desc: str = "eval", progress: bool | None = None) -> EvalResult:
-    """Mean loss, accuracy and confusion matrix of `model` on every image of `loader` (and its
-    `mistakes` most confidently wrong predictions)."""
+             mistakes: int = 0, tta: str = "none", desc: str = "eval", progress: bool | None = None) -> EvalResult:
+    """Mean loss, accuracy (and top-5 with more than 5 classes) and confusion matrix of `model` on
+    every image of `loader`, with test-time augmentation `tta`; and its `mistakes` most
+    confidently wrong predictions."""
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float32)  # no float64 on MPS
+    sums = torch.zeros(2, device=device, dtype=torch.float32)  # loss, top-5 correct (no float64 on MPS)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     tracker = _MistakeTracker(mistakes) if mistakes else None
     images, start = 0, time.perf_counter()
@@ -230,8 +297,10 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
                disable=None if progress is None else not progress)
     for i, (batch, labels) in enumerate(bar, 1):
         with precision.autocast():
-            logits = model(batch)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+            logits = predict_logits(model, batch, tta)
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        if num_classes > 5:
+            sums[1] += (logits.topk(5, 1).indices == labels[:, None]).any(1).sum()
         cells = labels * num_classes + logits.argmax(1)
         confusion.scatter_add_(0, cells, torch.ones_like(cells))  # bincount would sync to size its output
         images += len(labels)
@@ -239,13 +308,14 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
             tracker.add(batch, logits, labels)
         if not bar.disable and i % 10 == 0:  # a live readout costs a sync: only for a visible bar
             correct = confusion.view(num_classes, num_classes).diag().sum()
-            bar.set_postfix({"loss": f"{loss_sum.item() / images:.4f}", "acc": f"{correct.item() / images:.2%}",
+            bar.set_postfix({"loss": f"{sums[0].item() / images:.4f}", "acc": f"{correct.item() / images:.2%}",
                              "img/s": f"{images / (time.perf_counter() - start):,.0f}"}, refresh=False)
     if distributed.active():  # every process evaluated its own shard: sum them
-        distributed.all_reduce(loss_sum)
+        distributed.all_reduce(sums)
         distributed.all_reduce(confusion)
         images = int(distributed.all_reduce(torch.tensor([images], device=device)).item())
     confusion = confusion.view(num_classes, num_classes).cpu()
-    correct = int(confusion.diag().sum())
-    return EvalResult(loss_sum.item() / max(images, 1), correct / max(images, 1), images,
-                      time.perf_counter() - start, confusion, tracker.result() if tracker else None)
+    loss_sum, top5 = sums.tolist()
+    n = max(images, 1)
+    return EvalResult(loss_sum / n, int(confusion.diag().sum()) / n, images, time.perf_counter() - start,
+                      confusion, tracker.result() if tracker else None, top5 / n if num_classes > 5 else None)

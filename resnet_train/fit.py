@@ -23,7 +23,7 @@ from torch import nn
 from . import pause
 from .data import Data
 from .device import Precision
-from .engine import EpochProgress, EpochResult, EvalResult, TrainingInterrupted, evaluate, train_one_epoch
+from .engine import EpochProgress, EpochResult, EvalResult, StepSettings, TrainingInterrupted, evaluate, train_one_epoch
 from .errors import TrainingDiverged
 from .optim import Scheduler
 
@@ -41,9 +41,12 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one row of metrics per epoch
     tested: bool = False  # the final test is recorded: the run is finished
     test: dict | None = None  # test_loss, test_accuracy, test_images of the final test
+    stopped_early: int = 0  # the epoch early stopping ended the run at (0: it did not)
+    early_best: float | None = None  # early stopping: the best value of its metric so far
+    early_bad_epochs: int = 0  # early stopping: epochs since that value
 
     def finished(self, epochs: int) -> bool:
-        return self.epoch >= epochs and not self.epoch_progress and self.tested
+        return (self.epoch >= epochs or self.stopped_early > 0) and not self.epoch_progress and self.tested
 
 
 class RunLogger(Protocol):
@@ -62,8 +65,16 @@ class Checkpoints(Protocol):
     def copy_last_to_best(self) -> None: ...
     def repair_best(self, state: TrainState) -> None: ...
     def mark_finished(self, state: TrainState) -> None: ...
-    def load_model_weights(self, name: str) -> None: ...
+    def load_model_weights(self, name: str, ema: bool = False) -> None: ...
     def last_good(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    patience: int = 0  # epochs without improvement before stopping (0: never stop early)
+    min_epochs: int = 0
+    metric: str = "val_accuracy"  # or val_loss
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -76,12 +87,15 @@ class Loop:
     scaler: torch.amp.GradScaler
     logger: RunLogger
     checkpoints: Checkpoints
-    label_smoothing: float = 0.0
+    step: StepSettings = field(default_factory=StepSettings)
     log_every: int = 50
     checkpoint_every: int = 0
     should_stop: Callable[[], bool] | None = None
     progress: bool | None = None
     mistakes: int = 0  # most confidently wrong test images to keep for the logger
+    tta: str = "none"  # test-time augmentation for validation and the test
+    ema_selects: bool = True  # with an EMA: it, not the raw weights, picks best.pt and is tested
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
 
 
 def fit(model: nn.Module, data: Data, loop: Loop, state: TrainState, epochs: int,
@@ -95,10 +109,12 @@ def fit(model: nn.Module, data: Data, loop: Loop, state: TrainState, epochs: int
         loop.checkpoints.save_last(state)
 
     loop.checkpoints.repair_best(state)
-    if state.epoch < epochs:
+    if state.epoch < epochs and not state.stopped_early:
         state.tested = False  # (a finished run trained longer is tested again)
     try:
         for epoch in range(state.epoch + 1, epochs + 1):
+            if state.stopped_early:
+                break
             train = _train_epoch(model, data, loop, state, epoch, epochs, save_last)
             _end_epoch(model, data, loop, state, epoch, epochs, train, save_last)
     except TrainingDiverged as e:
@@ -118,11 +134,12 @@ def _train_epoch(model: nn.Module, data: Data, loop: Loop, state: TrainState, ep
 
     resume = EpochProgress(**state.epoch_progress) if state.epoch_progress else None
     data.train.set_epoch(epoch, skip=resume.step if resume else 0)
+    if loop.step.mixer is not None:
+        loop.step.mixer.set_epoch(epoch, skip=resume.step if resume else 0)
     try:
         train, state.global_step = train_one_epoch(
-            model, data.train, loop.optimizer, loop.scheduler, loop.precision, loop.scaler,
-            global_step=state.global_step, start=resume, label_smoothing=loop.label_smoothing,
-            log_every=loop.log_every, on_log=loop.logger.train_step, checkpoint_every=loop.checkpoint_every,
+            model, data.train, loop.optimizer, loop.scheduler, loop.precision, loop.scaler, loop.step,
+            global_step=state.global_step, start=resume, log_every=loop.log_every, on_log=loop.logger.train_step, checkpoint_every=loop.checkpoint_every,
             on_checkpoint=save_mid_epoch, should_stop=loop.should_stop, desc=f"epoch {epoch}/{epochs} train",
             progress=loop.progress)
     except TrainingInterrupted as stop:
@@ -134,25 +151,31 @@ def _train_epoch(model: nn.Module, data: Data, loop: Loop, state: TrainState, ep
 
 def _end_epoch(model: nn.Module, data: Data, loop: Loop, state: TrainState, epoch: int, epochs: int,
                train: EpochResult, save_last: Callable[[], None]) -> None:
-    """Validate, record the epoch, write last.pt and (if it is the best so far) best.pt."""
-    val = evaluate(model, data.val, loop.precision, len(data.classes), desc=f"epoch {epoch}/{epochs} val",
-                   progress=loop.progress) if data.val is not None else None
+    """Validate (the raw and, with one, the EMA weights), record the epoch, write last.pt and (if it is
+    the best so far) best.pt, and decide on early stopping."""
+    validate = lambda m, name: evaluate(m, data.val, loop.precision, len(data.classes), tta=loop.tta,  # noqa: E731
+                                        desc=f"epoch {epoch}/{epochs} {name}", progress=loop.progress)
+    val = validate(model, "val") if data.val is not None else None
+    ema = loop.step.ema
+    val_ema = validate(ema.module, "val ema") if ema is not None and data.val is not None else None
     pause.point("validation")
-    loop.scheduler.end_of_epoch(val.loss if val else None)
+    chosen = val_ema if val_ema is not None and loop.ema_selects else val
+    loop.scheduler.end_of_epoch(chosen.loss if chosen else None)
     # A non-finite validation loss never makes an epoch the best, whatever its accuracy.
-    is_best = val is None or (math.isfinite(val.loss) and val.accuracy > state.best_val_accuracy)
+    is_best = chosen is None or (math.isfinite(chosen.loss) and chosen.accuracy > state.best_val_accuracy)
     if is_best:
-        state.best_val_accuracy, state.best_epoch = (val.accuracy if val else -1.0), epoch
+        state.best_val_accuracy, state.best_epoch = (chosen.accuracy if chosen else -1.0), epoch
     state.epoch = epoch
     if val is not None:
-        loop.logger.validation(state.global_step, epoch, val, model)
+        loop.logger.validation(state.global_step, epoch, chosen, model)
     row = {"epoch": epoch, "step": state.global_step, "train_loss": train.loss, "train_accuracy": train.accuracy,
-           "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
-           "val_images": val.images if val else 0, "train_images": train.images,
-           "lr": loop.scheduler.get_last_lr()[0], "images_per_second": train.images_per_second,
-           "train_seconds": train.seconds, "epoch_seconds": train.seconds + (val.seconds if val else 0.0),
-           "is_best": is_best}
+           **_eval_row("val", val), **(_eval_row("val_ema", val_ema) if ema is not None else {}),
+           "train_images": train.images, "lr": loop.scheduler.get_last_lr()[0],
+           "images_per_second": train.images_per_second, "train_seconds": train.seconds,
+           "epoch_seconds": train.seconds + sum(v.seconds for v in (val, val_ema) if v is not None), "is_best": is_best}
     state.history.append(row)
+    if epoch < epochs:
+        _early_stopping(loop.early_stopping, state, chosen, epoch)
     loop.logger.epoch(state.global_step, row)  # TensorBoard (flushed) and the console line
     save_last()
     if is_best:
@@ -161,23 +184,49 @@ def _end_epoch(model: nn.Module, data: Data, loop: Loop, state: TrainState, epoc
     loop.logger.write_metrics({**summarize(state), "wall_seconds": state.wall_seconds}, state.history)
 
 
+def _eval_row(name: str, result: EvalResult | None) -> dict:
+    return {f"{name}_loss": result.loss if result else None, f"{name}_accuracy": result.accuracy if result else None,
+            f"{name}_top5_accuracy": result.top5_accuracy if result else None,
+            f"{name}_images": result.images if result else 0}
+
+
+def _early_stopping(rule: EarlyStopping, state: TrainState, result: EvalResult | None, epoch: int) -> None:
+    """Count the epochs since the metric last improved by more than min_delta; stop after
+    `patience` of them (not before min_epochs). The count lives in TrainState: resuming keeps it."""
+    if not rule.patience or result is None:
+        return
+    value = result.accuracy if rule.metric == "val_accuracy" else -result.loss  # higher is better
+    if state.early_best is None or value > state.early_best + rule.min_delta:
+        state.early_best, state.early_bad_epochs = value, 0
+    else:
+        state.early_bad_epochs += 1
+    if state.early_bad_epochs >= rule.patience and epoch >= rule.min_epochs:
+        state.stopped_early = epoch
+
+
 def _final_test(model: nn.Module, data: Data, loop: Loop, state: TrainState) -> None:
     """Test the best weights, record the results (TensorBoard at the step after training, so a
     resume that repeats this phase replaces them), then mark the run finished in last.pt."""
     step = state.global_step + 1
+    if state.stopped_early:
+        loop.logger.info(f"early stopping: no improvement of {loop.early_stopping.metric} for "
+                         f"{loop.early_stopping.patience} epochs; stopped after epoch {state.stopped_early}")
     if data.test is None:
         loop.logger.info("no test split: skipped the final test evaluation")
     elif state.best_epoch == 0:
         loop.logger.info("no epoch had a finite validation loss: there are no best weights to test")
     else:
-        loop.checkpoints.load_model_weights("best")
-        test = evaluate(model, data.test, loop.precision, len(data.classes), mistakes=loop.mistakes, desc="test",
-                        progress=loop.progress)
+        loop.checkpoints.load_model_weights("best", ema=loop.step.ema is not None and loop.ema_selects)
+        test = evaluate(model, data.test, loop.precision, len(data.classes), mistakes=loop.mistakes, tta=loop.tta,
+                        desc="test", progress=loop.progress)
         pause.point("final_test")
-        state.test = {"test_loss": test.loss, "test_accuracy": test.accuracy, "test_images": test.images}
+        state.test = {"test_loss": test.loss, "test_accuracy": test.accuracy, "test_images": test.images,
+                      "test_top5_accuracy": test.top5_accuracy}
         loop.logger.test(step, test)
-        loop.logger.info(f"test (best weights, epoch {state.best_epoch}): loss {test.loss:.4f}  "
-                         f"accuracy {test.accuracy:.2%} on {test.images:,} images")
+        which = "best EMA weights" if loop.step.ema is not None and loop.ema_selects else "best weights"
+        loop.logger.info(f"test ({which}, epoch {state.best_epoch}): loss {test.loss:.4f}  accuracy "
+                         f"{test.accuracy:.2%}" + (f"  top-5 {test.top5_accuracy:.2%}" if test.top5_accuracy else "")
+                         + f" on {test.images:,} images")
     state.tested = True
     loop.logger.finish({**summarize(state), **(state.test or {}), "wall_seconds": state.wall_seconds},
                        state.history, step)
@@ -193,7 +242,9 @@ def summarize(state: TrainState) -> dict:
         "val_loss": final.get("val_loss"), "val_accuracy": final.get("val_accuracy"),
         "best_epoch": state.best_epoch,
         "best_val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None,
-        "test_loss": None, "test_accuracy": None, "test_images": None,
+        "test_loss": None, "test_accuracy": None, "test_images": None, "test_top5_accuracy": None,
+        "val_top5_accuracy": final.get("val_top5_accuracy"), "val_ema_accuracy": final.get("val_ema_accuracy"),
+        "stopped_early": state.stopped_early or None,
         "images_per_second": _mean_throughput(state.history),
     }
 

@@ -3,10 +3,13 @@
 TensorBoard tags (all in the run directory, one event stream per run; the x axis is the global
 training step everywhere, so a resumed run purges whatever a killed one logged after its checkpoint):
   loss/train, loss/val, accuracy/train, accuracy/val   at each epoch's last step; overlaid in the
-                                                       CUSTOM SCALARS tab
+                                                       CUSTOM SCALARS tab (with the EMA's)
+  loss/val_ema, accuracy/val_ema                       the EMA weights' (with ema.decay > 0)
+  accuracy_top5/val                                    with more than 5 classes
   train/loss, train/lr                                 every `log_every_n_steps` steps
   epoch, lr, throughput/images_per_second              at each epoch's last step
-  metrics/*                                            final metrics, shown in the HPARAMS tab
+  metrics/*                                            final metrics (at the step after the last
+                                                       training step), shown in the HPARAMS tab
   config                                               the composed config (TEXT tab)
 With `tensorboard.images` (IMAGES tab):
   train/augmented_samples                              a grid of augmented training images, at the start
@@ -29,12 +32,13 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import custom_scalars, hparams
 from torchvision.utils import make_grid
 
-from .files import finite, write_json
+from .files import write_json
 
 log = logging.getLogger("resnet_train")
 
 # Final metrics shown in TensorBoard's HPARAMS tab (as scalars named metrics/<key>).
-HPARAM_METRICS = ("best_val_accuracy", "test_accuracy", "test_loss", "val_accuracy", "train_loss", "train_accuracy")
+HPARAM_METRICS = ("best_val_accuracy", "test_accuracy", "test_loss", "val_accuracy", "train_loss", "train_accuracy",
+                  "test_top5_accuracy", "val_ema_accuracy")
 
 
 def denormalize(images: torch.Tensor, mean: list[float] | None, std: list[float] | None) -> torch.Tensor:
@@ -117,8 +121,8 @@ class RunLogger:
         self.writer.add_text("config", "    " + config_yaml.replace("\n", "\n    "), 0)  # markdown code block
         self.writer.file_writer.add_summary(custom_scalars({
             "train vs val": {
-                "loss": ["Multiline", ["loss/train", "loss/val"]],
-                "accuracy": ["Multiline", ["accuracy/train", "accuracy/val"]],
+                "loss": ["Multiline", ["loss/train", "loss/val", "loss/val_ema"]],
+                "accuracy": ["Multiline", ["accuracy/train", "accuracy/val", "accuracy/val_ema"]],
             }}))
         # The hparams session is declared now, so a run that stops early still shows in HPARAMS;
         # its metric values are the metrics/* scalars written by `finish`.
@@ -138,15 +142,20 @@ class RunLogger:
         w = self.writer
         w.add_scalar("loss/train", row["train_loss"], step)
         w.add_scalar("accuracy/train", row["train_accuracy"], step)
-        if row["val_loss"] is not None:
-            w.add_scalar("loss/val", row["val_loss"], step)
-            w.add_scalar("accuracy/val", row["val_accuracy"], step)
+        for name in ("val", "val_ema"):
+            if row.get(f"{name}_loss") is not None:
+                w.add_scalar(f"loss/{name}", row[f"{name}_loss"], step)
+                w.add_scalar(f"accuracy/{name}", row[f"{name}_accuracy"], step)
+        if row.get("val_top5_accuracy") is not None:
+            w.add_scalar("accuracy_top5/val", row["val_top5_accuracy"], step)
         w.add_scalar("epoch", row["epoch"], step)
         w.add_scalar("lr", row["lr"], step)
         w.add_scalar("throughput/images_per_second", row["images_per_second"], step)
         w.flush()
         val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:6.2%}" if row["val_loss"] is not None
                else "no validation")
+        if row.get("val_ema_accuracy") is not None:
+            val += f"  ema acc {row['val_ema_accuracy']:6.2%}"
         width = len(str(self.epochs))
         log.info(f"epoch {row['epoch']:>{width}}/{self.epochs}  train loss {row['train_loss']:.4f} acc "
                  f"{row['train_accuracy']:6.2%}  {val}  lr {row['lr']:.4g}  "
@@ -185,7 +194,7 @@ class RunLogger:
         self.writer.flush()
 
     def write_metrics(self, metrics: dict, history: list[dict]) -> None:
-        write_json(self.run_dir / "metrics.json", finite({**metrics, "history": history}))
+        write_json(self.run_dir / "metrics.json", {**metrics, "history": history})
 
     def finish(self, metrics: dict, history: list[dict], step: int) -> None:
         for key in HPARAM_METRICS:

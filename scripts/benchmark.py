@@ -31,7 +31,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from resnet_train import device as devices
-from resnet_train.data import BatchTransform, MemoryLoader, decode_all, list_image_folder
+from resnet_train.data import Augment, BatchTransform, MemoryLoader, decode_all, list_image_folder
 from resnet_train.engine import train_one_epoch
 from resnet_train.models import ARCHITECTURES
 from resnet_train.optim import Scheduler, cosine
@@ -88,7 +88,7 @@ def ours(args, images, labels, device, precision, channels_last) -> float:
         model = torch.compile(model)
     opt = sgd(model)
     n = args.steps * args.batch_size
-    transform = BatchTransform(MEAN, STD, crop_padding=4, hflip=True, channels_last=channels_last)
+    transform = BatchTransform(MEAN, STD, Augment(), channels_last=channels_last)
     warm = MemoryLoader(images[:args.warmup * args.batch_size].to(device), labels[:args.warmup * args.batch_size].to(device),
                         args.batch_size, transform, train=True)
     loader = MemoryLoader(images[:n].to(device), labels[:n].to(device), args.batch_size, transform, train=True)

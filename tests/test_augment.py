@@ -9,6 +9,15 @@ from dataclasses import fields
 
 import pytest
 import torch
+from torchvision.transforms import InterpolationMode, RandomErasing
+from torchvision.transforms.autoaugment import (
+    AutoAugment,
+    AutoAugmentPolicy,
+    RandAugment,
+    TrivialAugmentWide,
+    _apply_op,
+)
+
 from resnet_train.data.policies import (
     OP_NAMES,
     POLICIES,
@@ -20,14 +29,6 @@ from resnet_train.data.policies import (
     draw_policy,
     erasing_mask,
     params_from_ops,
-)
-from torchvision.transforms import InterpolationMode, RandomErasing
-from torchvision.transforms.autoaugment import (
-    AutoAugment,
-    AutoAugmentPolicy,
-    RandAugment,
-    TrivialAugmentWide,
-    _apply_op,
 )
 
 SIZES = [(32, 32), (24, 40)]  # square CIFAR, and non-square to catch a swapped height / width

@@ -64,7 +64,8 @@ def test_documented_defaults(compose_cfg):
     rms = compose_cfg("optim=rmsprop").optim
     assert (rms.lr, rms.alpha) == (1e-3, 0.99)
     assert list(cfg.dataset.mean) == [0.4914, 0.4822, 0.4465] and list(cfg.dataset.std) == [0.2023, 0.1994, 0.2010]
-    assert cfg.dataset.augment.crop_padding == 4 and cfg.dataset.augment.hflip and cfg.dataset.val_size == 5000
+    assert cfg.augment.crop_padding == 4 and cfg.augment.hflip and cfg.augment.policy == "none"
+    assert cfg.dataset.val_size == 5000
     assert compose_cfg("dataset.image_size=224").model.stem == "auto"
     assert stem_of(compose_cfg("dataset.image_size=224")) == "imagenet"
 

@@ -5,6 +5,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from resnet_train.data import (
+    Augment,
     BatchTransform,
     DataError,
     MemoryLoader,
@@ -38,7 +39,7 @@ def test_crop_flip_matches_per_image_torchvision():
 
 def test_transform_is_seeded_and_draws_the_same_params_as_reference():
     images = random_batch()
-    t = BatchTransform(None, None, crop_padding=4, hflip=True)
+    t = BatchTransform(None, None, Augment(crop_padding=4, hflip=True))
     a = t(images, torch.Generator().manual_seed(3))
     b = t(images, torch.Generator().manual_seed(3))
     c = t(images, torch.Generator().manual_seed(4))
@@ -49,11 +50,11 @@ def test_transform_is_seeded_and_draws_the_same_params_as_reference():
 
 def test_hflip_only_and_no_augmentation_at_eval():
     images = random_batch()
-    t = BatchTransform(None, None, crop_padding=0, hflip=True)
+    t = BatchTransform(None, None, Augment(crop="none", hflip=True))
     out = (t(images, torch.Generator().manual_seed(0)) * 255).round().byte().permute(0, 2, 3, 1)
     for img, o in zip(images, out):
         assert torch.equal(o, img) or torch.equal(o, img.flip(1))
-    plain = BatchTransform(None, None, crop_padding=4, hflip=True)(images, None)
+    plain = BatchTransform(None, None, Augment(crop_padding=4, hflip=True))(images, None)
     assert torch.equal((plain * 255).round().byte().permute(0, 2, 3, 1), images)
 
 
@@ -82,7 +83,7 @@ def test_stratified_split_is_seeded_and_proportional():
 
 def test_memory_loader_order_depends_on_seed_and_epoch():
     images, labels = random_batch(40), torch.arange(40)
-    loader = MemoryLoader(images, labels, 8, BatchTransform(None, None, 4, True), train=True, seed=1)
+    loader = MemoryLoader(images, labels, 8, BatchTransform(None, None, Augment()), train=True, seed=1)
     assert len(loader) == 5
     epoch1 = torch.cat([y for _, y in loader])
     assert sorted(epoch1.tolist()) == list(range(40))
@@ -94,7 +95,7 @@ def test_memory_loader_order_depends_on_seed_and_epoch():
 
 
 def common(**kw):
-    args = dict(image_size=32, mean=None, std=None, normalize=True, augment={"crop_padding": 4, "hflip": True},
+    args = dict(image_size=32, mean=None, std=None, normalize=True, augment=Augment(),
                 val_size=0.2, split_seed=0, batch_size=32, eval_batch_size=64, device=torch.device("cpu"), seed=0,
                 num_workers=0, channels_last=True, log=lambda m: None)
     args.update(kw)

@@ -7,7 +7,7 @@ import torch
 from conftest import Runner, assert_ok, metrics_of
 from hydra import compose, initialize_config_module
 
-from resnet_train.data import BatchTransform, MemoryLoader, Shard
+from resnet_train.data import Augment, BatchTransform, MemoryLoader, Shard
 from resnet_train.distributed import Distributed, from_environment, slurm_master
 
 # A frozen backbone keeps BatchNorm in eval mode, so one process and two must agree up to float
@@ -37,7 +37,7 @@ def test_two_shards_see_exactly_what_one_process_sees():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g)
     labels = torch.arange(40)
-    transform = BatchTransform((0.5,) * 3, (0.25,) * 3, crop_padding=4, hflip=True)
+    transform = BatchTransform((0.5,) * 3, (0.25,) * 3, Augment())
     one = MemoryLoader(images, labels, 8, transform, train=True, seed=3)
     shards = [MemoryLoader(images, labels, 4, transform, train=True, seed=3, shard=Shard(r, 2)) for r in (0, 1)]
     for loader in (one, *shards):

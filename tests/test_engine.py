@@ -7,7 +7,7 @@ import torch
 from conftest import make_images
 
 from resnet_train import engine
-from resnet_train.data import BatchTransform, MemoryLoader
+from resnet_train.data import Augment, BatchTransform, MemoryLoader
 from resnet_train.device import Precision
 from resnet_train.models import resnet20
 from resnet_train.optim import Scheduler, constant, cosine
@@ -18,7 +18,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 def loaders(n_train=640, n_val=320, batch_size=32):
     images, labels = make_images(n_train + n_val, seed=5)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-    train = MemoryLoader(images[:n_train], labels[:n_train], batch_size, BatchTransform(MEAN, STD, 4, True), True)
+    train = MemoryLoader(images[:n_train], labels[:n_train], batch_size, BatchTransform(MEAN, STD, Augment()), True)
     val = MemoryLoader(images[n_train:], labels[n_train:], 128, BatchTransform(MEAN, STD), False)
     return train, val
 

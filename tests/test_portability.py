@@ -13,7 +13,7 @@ from resnet_train import device as devices
 from resnet_train import engine
 from resnet_train.build import configure_backends, pick_device_and_precision, use_channels_last
 from resnet_train.checkpoint import restore_rng_states, restore_training, rng_states
-from resnet_train.data import BatchTransform, MemoryLoader
+from resnet_train.data import Augment, BatchTransform, MemoryLoader
 from resnet_train.device import Precision
 from resnet_train.models import resnet20
 from resnet_train.optim import Scheduler, cosine
@@ -37,7 +37,7 @@ class RecordDtypes(TorchDispatchMode):
 def test_the_loop_never_makes_a_float64_tensor():
     """Apple's MPS has no float64: the training step, the meters and evaluation stay in float32."""
     images, labels = (torch.from_numpy(a) for a in make_images(96, seed=3))
-    train = MemoryLoader(images[:64], labels[:64], 16, BatchTransform((0.5,) * 3, (0.25,) * 3, 4, True), True)
+    train = MemoryLoader(images[:64], labels[:64], 16, BatchTransform((0.5,) * 3, (0.25,) * 3, Augment()), True)
     val = MemoryLoader(images[64:], labels[64:], 16, BatchTransform((0.5,) * 3, (0.25,) * 3), False)
     model = resnet20()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -41,15 +41,19 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
     loader = data.test if cfg.split == "test" else data.val
     if loader is None:
         raise DataError(f"dataset {run_cfg.dataset.name} at {run_cfg.dataset.root} has no {cfg.split} split")
-    result = evaluate(trained.model, loader, trained.precision, len(data.classes), desc=cfg.split,
-                      progress=run_cfg.progress)
+    result = evaluate(trained.model, loader, trained.precision, len(data.classes), tta=run_cfg.tta,
+                      desc=cfg.split, progress=run_cfg.progress)
 
-    print(f"checkpoint {checkpoint} (epoch {ckpt.get('state', {}).get('epoch', '?')}), "
-          f"{cfg.split} split: {result.images:,} images on {describe(trained.device)}, precision {trained.precision.name}")
-    print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.2%}\n")
+    weights = "EMA weights" if trained.uses_ema else "weights"
+    print(f"checkpoint {checkpoint} ({weights} of epoch {ckpt.get('state', {}).get('epoch', '?')}), "
+          f"{cfg.split} split: {result.images:,} images on {describe(trained.device)}, precision "
+          f"{trained.precision.name}, tta={run_cfg.tta}")
+    print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.2%}"
+          + (f"  top-5 accuracy {result.top5_accuracy:.2%}" if result.top5_accuracy is not None else "") + "\n")
     print(format_per_class(data.classes, result.per_class_accuracy, result.confusion))
-    report = {"checkpoint": str(checkpoint), "split": cfg.split, "images": result.images,
-              "loss": result.loss, "accuracy": result.accuracy, "classes": data.classes,
+    report = {"checkpoint": str(checkpoint), "split": cfg.split, "images": result.images, "tta": run_cfg.tta,
+              "weights": "ema" if trained.uses_ema else "model", "loss": result.loss, "accuracy": result.accuracy,
+              "top5_accuracy": result.top5_accuracy, "classes": data.classes,
               "per_class_accuracy": dict(zip(data.classes, result.per_class_accuracy)),
               "confusion_matrix": result.confusion.tolist()}
     write_json(output, report)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import distributed, pause, runs
+from .. import budget, distributed, pause, runs
 from ..build import (
     build_model,
     build_optimizer_and_scheduler,
@@ -21,26 +21,28 @@ from ..build import (
     load_data,
     pick_device_and_precision,
     seed_everything,
+    step_settings,
     use_channels_last,
     wrap_for_training,
 )
 from ..checkpoint import RunCheckpoints, check_classes, restore_training
-from ..config import hparam_values
-from ..data import Shard
-from ..device import describe
+from ..config import duration_seconds, hparam_values
+from ..data import Data, Shard
+from ..device import Precision, describe
 from ..engine import TrainingInterrupted
 from ..errors import ConfigError, UserError
-from ..fit import Loop, TrainState, fit
+from ..fit import EarlyStopping, Loop, TrainState, fit
 from ..reporting import ImageSettings, RunLogger, SilentLogger
 from ..sweep import swept_keys
 
 log = logging.getLogger("resnet_train")
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = ()) -> dict:
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at: float | None = None) -> dict:
     """Train (or continue, `cfg.resume`) the run described by `cfg` in `run_dir`; return its final
-    metrics. `overrides` is the command line, against which a resumed run's config is checked."""
-    started_at = time.time()
+    metrics. `overrides` is the command line, against which a resumed run's config is checked;
+    `started_at`, when the command started (time_budget counts from it; default: now)."""
+    started_at = started_at or time.time()
     world = distributed.from_environment()
     distributed.init_process_group(world)  # torchrun joined before Hydra; SLURM/submitit tasks join here
     if not world.is_main:
@@ -67,23 +69,21 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
              + (f"; {world.world_size} processes (DistributedDataParallel), global batch {cfg.batch_size}"
                 if world.enabled else ""))
     seed_everything(cfg.seed)
-    try:
-        data = load_data(cfg, device, Shard(world.rank, world.world_size))
-        log.info(f"Data: {cfg.dataset.name}, {data.train.num_images:,} training images in {data.storage}, "
-                 f"{len(data.classes)} classes; validation on {data.val_source}")
-        if ckpt is not None:
-            check_classes(ckpt["classes"], data.classes, cfg.resume)
-        model = build_model(cfg, len(data.classes), device, load_pretrained=ckpt is None)
-    except UserError:
-        if ckpt is None and world.is_main and not swept_keys():
-            runs.discard_unstarted(run_dir)  # nothing was trained: leave no half-made run dir behind
-        raise
-    log.info(f"Model: {describe_model(cfg, model)}")
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, len(data.train), device)
-    scaler = precision.grad_scaler()
+    data, model = _data_and_model(cfg, ckpt, device, run_dir, world)
+    if cfg.epochs == "auto":
+        cfg.epochs = _epochs_for_budget(cfg, model, data, precision, device, started_at)
+    steps_per_epoch = len(data.train) // cfg.accumulate_grad_batches
+    if steps_per_epoch < 1:
+        raise ConfigError(f"accumulate_grad_batches={cfg.accumulate_grad_batches} needs that many batches an epoch; "
+                          f"the training split has {len(data.train)}")
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, steps_per_epoch, device)
+    scaler, settings = precision.grad_scaler(), step_settings(cfg, model)
+    if cfg.accumulate_grad_batches > 1:
+        log.info(f"Effective batch: {cfg.accumulate_grad_batches} x {cfg.batch_size} = "
+                 f"{cfg.accumulate_grad_batches * cfg.batch_size} images per optimizer step")
     state = TrainState()
     if ckpt is not None:
-        state = restore_training(ckpt, model, optimizer, scheduler, scaler, cfg.resume, device)
+        state = restore_training(ckpt, model, optimizer, scheduler, scaler, cfg.resume, device, settings.ema)
         log.info(f"Resuming from {cfg.resume}: epoch {state.epoch + 1}, step {state.global_step} "
                  f"(best val accuracy so far {_pct(state.best_val_accuracy)})")
     model = wrap_for_training(model, cfg, device)
@@ -95,14 +95,14 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
         "config": stored_cfg, "classes": data.classes, "precision": precision.name,
         "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
                           "stored_size": data.stored_size},
-    }, device=device, writer=world.is_main, resumed_from=state if ckpt is not None else None)
+    }, device=device, writer=world.is_main, resumed_from=state if ckpt is not None else None, ema=settings.ema)
     try:
         with GracefulStop() as stop:
-            loop = Loop(optimizer, scheduler, precision, scaler, logger, checkpoints, cfg.label_smoothing,
-                        cfg.log_every_n_steps, cfg.checkpoint.every_n_steps,
-                        distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
+            loop = Loop(optimizer, scheduler, precision, scaler, logger, checkpoints, settings, cfg.log_every_n_steps,
+                        cfg.checkpoint.every_n_steps, distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
                         cfg.progress if world.is_main else False,
-                        cfg.tensorboard.mistakes if cfg.tensorboard.images else 0)
+                        cfg.tensorboard.mistakes if cfg.tensorboard.images else 0, cfg.tta, cfg.ema.evaluate,
+                        EarlyStopping(**cfg.early_stopping))
             metrics = fit(model, data, loop, state, cfg.epochs, started_at)
     except TrainingInterrupted:
         stop.signum = stop.signum or signal.SIGTERM  # another process received it
@@ -118,6 +118,35 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
              f"Results in {_shown(run_dir)}")
     pause.point("exit")
     return metrics
+
+
+def _data_and_model(cfg: DictConfig, ckpt: dict | None, device: torch.device, run_dir: Path,
+                    world: distributed.Distributed) -> tuple[Data, torch.nn.Module]:
+    """The data and the model; a new run that fails here (bad data, say) leaves no run dir behind."""
+    try:
+        data = load_data(cfg, device, Shard(world.rank, world.world_size))
+        log.info(f"Data: {cfg.dataset.name}, {data.train.num_images:,} training images in {data.storage}, "
+                 f"{len(data.classes)} classes; validation on {data.val_source}")
+        if ckpt is not None:
+            check_classes(ckpt["classes"], data.classes, cfg.resume)
+        model = build_model(cfg, len(data.classes), device, load_pretrained=ckpt is None)
+    except UserError:
+        if ckpt is None and world.is_main and not swept_keys():
+            runs.discard_unstarted(run_dir)
+        raise
+    log.info(f"Model: {describe_model(cfg, model)}")
+    return data, model
+
+
+def _epochs_for_budget(cfg: DictConfig, model: torch.nn.Module, data: Data, precision: Precision,
+                       device: torch.device, started_at: float) -> int:
+    """epochs=auto: time a few steps and pick the epochs that fit cfg.time_budget (the first
+    process decides for all)."""
+    seconds = duration_seconds(cfg.time_budget)
+    timing = budget.measure(cfg, model, data, precision, device)
+    epochs = distributed.broadcast_from_main(budget.epochs_within(seconds, time.time() - started_at, timing))
+    log.info(budget.describe(seconds, time.time() - started_at, timing, epochs))
+    return epochs
 
 
 def _logger(cfg: DictConfig, stored_cfg: dict, data: Any, precision: str, run_dir: Path,

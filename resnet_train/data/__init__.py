@@ -23,11 +23,19 @@ import torch
 
 from ..errors import DataError
 from .loaders import Loader, MemoryLoader, Shard, StreamLoader, epoch_generator
-from .sources import (CIFAR, Split, channel_stats, decode_all, decode_resized, list_image_folder, load_cifar,
-                      stratified_split)
-from .transforms import BatchTransform, crop_flip, draw_augmentation
+from .sources import (
+    CIFAR,
+    Split,
+    channel_stats,
+    decode_all,
+    decode_resized,
+    list_image_folder,
+    load_cifar,
+    stratified_split,
+)
+from .transforms import Augment, BatchTransform, crop_flip, draw_augmentation
 
-__all__ = ["BatchTransform", "CIFAR", "Data", "DataError", "Loader", "MemoryLoader", "Shard", "StreamLoader",
+__all__ = ["Augment", "BatchTransform", "CIFAR", "Data", "DataError", "Loader", "MemoryLoader", "Shard", "StreamLoader",
            "build_data", "channel_stats", "crop_flip", "decode_all", "decode_resized", "draw_augmentation",
            "epoch_generator", "list_image_folder", "load_cifar", "stratified_split"]
 
@@ -65,7 +73,7 @@ def resolve_val_size(val_size: int | float, n_train: int) -> int:
 
 
 def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-               normalize: bool, augment: dict, val_size: int | float, split_seed: int, download: bool = True,
+               normalize: bool, augment: Augment | None, val_size: int | float, split_seed: int, download: bool = True,
                loader: str = "memory", batch_size: int, eval_batch_size: int, device: torch.device, seed: int,
                num_workers: int, channels_last: bool, shard: Shard = Shard(), log=print) -> Data:
     """Read the dataset, split off validation images and wrap each split in a loader. With a
@@ -121,8 +129,7 @@ def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] |
     def make(split: Split | None, train_mode: bool) -> Loader | None:
         if split is None:
             return None
-        transform = BatchTransform(mean, std, augment.get("crop_padding", 0) if train_mode else 0,
-                                   augment.get("hflip", False) and train_mode,
+        transform = BatchTransform(mean, std, augment if train_mode else None,
                                    image_size if image_size != stored_size else None, channels_last)
         bs = (batch_size if train_mode else eval_batch_size) // shard.world_size or 1  # per process
         if storage == "memory":

@@ -75,7 +75,7 @@ class MemoryLoader:
         g = epoch_generator(self.seed, self.epoch, device)
         order = torch.randperm(len(self.labels), generator=g, device=device)
         for _ in range(self.skip):
-            self.transform.skip(global_batch, g)
+            self.transform.skip(global_batch, self.images.shape[1], g)
         for i in range(self.skip, len(self)):
             idx = order[i * global_batch:(i + 1) * global_batch][mine]
             yield self.transform(self.images[idx], g, draws=global_batch, keep=mine), self.labels[idx]
@@ -114,7 +114,7 @@ class StreamLoader:
     def __init__(self, samples: list[tuple[str, int]], image_size: int, batch_size: int, transform: BatchTransform,
                  train: bool, device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard()):
         self.transform, self.train, self.device, self.seed, self.shard = transform, train, device, seed, shard
-        self.batch_size, self.epoch, self.skip = batch_size, 0, 0
+        self.batch_size, self.epoch, self.skip, self.image_size = batch_size, 0, 0, image_size
         self.sampler = _EpochSampler(len(samples), seed, train, batch_size, shard)
         self.loader = torch.utils.data.DataLoader(
             DecodedFiles(samples, image_size), batch_size=batch_size, sampler=self.sampler, drop_last=train,
@@ -135,7 +135,7 @@ class StreamLoader:
         g = epoch_generator(self.seed, self.epoch, self.device) if self.train else None
         global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
         for _ in range(self.skip):
-            self.transform.skip(global_batch, g)
+            self.transform.skip(global_batch, self.image_size, g)
         for images, labels in from_workers(self.loader):
             images = images.to(self.device, non_blocking=True)
             yield (self.transform(images, g, draws=global_batch, keep=mine),

@@ -1,0 +1,110 @@
+"""time_budget with epochs=auto: as many epochs as fit in the time a user has.
+
+Before training, a copy of the model takes a few real steps (data, augmentation, mixing, EMA and
+optimizer included) and evaluates a few validation batches (with the run's TTA, and twice with an
+EMA); the number of epochs is then chosen so that setup so far, every epoch's training and
+validation, and the final test fit in the budget. The choice is stored in the run's config
+(`epochs`), so the schedule is planned over it from the first step and a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .data import Data, Loader
+from .device import Precision, synchronize
+from .engine import _forward_backward, _optimizer_step, evaluate
+
+SAFETY = 0.03  # keep this share of the budget free: checkpoints, logging, timing noise
+
+
+@dataclass
+class Timing:
+    step_seconds: float  # one optimizer step, including loading and augmenting its batches
+    steps_per_epoch: int
+    val_seconds: float  # one epoch's validation (raw and EMA weights, with TTA)
+    test_seconds: float  # the final test
+    save_seconds: float = 0.0  # one epoch's checkpoint writes (last.pt, and best.pt)
+
+    @property
+    def epoch_seconds(self) -> float:
+        return self.step_seconds * self.steps_per_epoch + self.val_seconds + self.save_seconds
+
+
+def epochs_within(budget: float, elapsed: float, timing: Timing, safety: float = SAFETY) -> int:
+    """The most epochs whose training, validation and final test fit in what is left of `budget`
+    seconds after `elapsed`; at least one."""
+    left = budget * (1 - safety) - elapsed - timing.test_seconds
+    return max(1, math.floor(left / timing.epoch_seconds))
+
+
+def measure(cfg: DictConfig, model: torch.nn.Module, data: Data, precision: Precision, device: torch.device,
+            steps: int = 12, warmup: int = 4) -> Timing:
+    """Time `steps` training steps (after `warmup` untimed ones) and a few validation batches on
+    copies of the model and optimizer: the run itself is not touched."""
+    from .build import build_optimizer_and_scheduler, step_settings
+
+    k = cfg.accumulate_grad_batches
+    cfg = OmegaConf.merge(cfg, {"epochs": 1})  # (a schedule for the timing steps; they train a copy)
+    twin = copy.deepcopy(model)
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, twin, max(len(data.train) // k, 1), device)
+    settings, scaler = step_settings(cfg, twin), precision.grad_scaler()
+    if settings.mixer is not None:
+        settings.mixer.set_epoch(0)
+    data.train.set_epoch(0)  # (epoch 0 is never trained: drawing from it changes nothing)
+    batches = itertools.cycle(data.train)
+    twin.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        for micro in range(1, k + 1):
+            images, labels = next(batches)
+            _forward_backward(twin, images, labels, precision, scaler, settings, synchronize=micro == k)
+        _optimizer_step(twin, optimizer, scheduler, scaler, settings)
+    synchronize(device)
+    step_seconds = (time.perf_counter() - start) / steps
+    per_image = _eval_seconds_per_image(twin, data.val or data.test, precision, len(data.classes), cfg.tta)
+    evaluations = 2 if settings.ema is not None else 1
+    val_images = data.val.num_images if data.val is not None else 0
+    test_images = data.test.num_images if data.test is not None else 0
+    return Timing(step_seconds, len(data.train) // k, per_image * val_images * evaluations, per_image * test_images,
+                  2 * _save_seconds(twin, optimizer, settings))
+
+
+def _save_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings) -> float:
+    """Serializing what a checkpoint holds (written twice an epoch when it is the best: last.pt, best.pt)."""
+    start = time.perf_counter()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "ema": settings.ema.state_dict() if settings.ema is not None else None}
+    torch.save(state, io.BytesIO())
+    return time.perf_counter() - start
+
+
+def _eval_seconds_per_image(model: torch.nn.Module, loader: Loader | None, precision: Precision, num_classes: int,
+                            tta: str, batches: int = 3) -> float:
+    if loader is None:
+        return 0.0
+    sample = list(itertools.islice(iter(loader), batches + 1))
+    evaluate(model, sample[:1], precision, num_classes, tta=tta, progress=False)  # warm-up
+    result = evaluate(model, sample[1:] or sample, precision, num_classes, tta=tta, progress=False)
+    return result.seconds / max(result.images, 1)
+
+
+def describe(budget: float, elapsed: float, timing: Timing, epochs: int) -> str:
+    planned = elapsed + epochs * timing.epoch_seconds + timing.test_seconds
+    return (f"time_budget={_duration(budget)}: {timing.step_seconds:.3f}s per step ({timing.steps_per_epoch} an "
+            f"epoch), {timing.val_seconds:.1f}s per validation, {elapsed:.0f}s of setup -> {epochs} epochs "
+            f"(planned {_duration(planned)})")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f} min"
