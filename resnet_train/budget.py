@@ -68,7 +68,8 @@ def measure(cfg: DictConfig, model: torch.nn.Module, data: Data, precision: Prec
             start = time.perf_counter()
         for micro in range(1, k + 1):
             images, labels = next(batches)
-            _forward_backward(twin, images, labels, precision, scaler, settings, synchronize=micro == k)
+            _forward_backward(twin, images, labels, precision, scaler, settings, synchronize=micro == k,
+                              zero_grad=optimizer if micro == 1 else None)
         _optimizer_step(twin, optimizer, scheduler, scaler, settings)
     synchronize(device)
     step_seconds = (time.perf_counter() - start) / steps
