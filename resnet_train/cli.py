@@ -3,6 +3,7 @@
     resnet-train    commands/train.py     (also `python -m resnet_train`, and under torchrun)
     resnet-eval     commands/eval.py
     resnet-predict  commands/predict.py
+    resnet-export   commands/export.py
     resnet-summary  commands/summary.py
 
 `run_command` is the one place errors become exit codes, for every command: a `UserError` or a
@@ -162,8 +163,27 @@ def _predict_app(cfg: DictConfig) -> None:
 
 
 def predict_main() -> None:
-    """The `resnet-predict` console script."""
+    """The `resnet-predict` console script. (`model=FILE` is passed on as model_file=FILE: Hydra
+    would take `model=` for the training configs' model group.)"""
+    sys.argv[1:] = [f"model_file={a[6:]}" if a.startswith("model=") else a for a in sys.argv[1:]]
     run_command(_predict_app)
+
+
+# --------------------------------------------------------------------------------------------
+# resnet-export
+# --------------------------------------------------------------------------------------------
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def _export_app(cfg: DictConfig) -> None:
+    from .commands.export import export_command
+
+    as_job(export_command, cfg)
+
+
+def export_main() -> None:
+    """The `resnet-export` console script."""
+    run_command(_export_app)
 
 
 # --------------------------------------------------------------------------------------------

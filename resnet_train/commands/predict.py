@@ -7,15 +7,14 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from ..build import model_from_checkpoint, use_channels_last
 from ..config import positive_int
 from ..data import BatchTransform, decode_resized
-from ..device import Precision
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, check_writable
 
@@ -43,12 +42,13 @@ def collect_files(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
     return files, problems
 
 
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, S, S, 3) images on the CPU -> float logits
+
+
 @torch.inference_mode()
-def predict_files(model: nn.Module, files: list[Path], classes: list[str], transform: BatchTransform,
-                  decode_size: int, precision: Precision, device: torch.device, batch_size: int = 64,
+def predict_files(score: Scorer, files: list[Path], classes: list[str], decode_size: int, batch_size: int = 64,
                   topk: int = 3) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Top-k classes and probabilities for each readable file; (file, reason) for the others."""
-    model.eval()
     predictions, skipped = [], []
     for start in range(0, len(files), batch_size):
         images, paths = [], []
@@ -60,13 +60,33 @@ def predict_files(model: nn.Module, files: list[Path], classes: list[str], trans
                 skipped.append((str(path), str(e).split(": ", 1)[-1]))
         if not images:
             continue
-        batch = transform(torch.stack(images).to(device))
-        with precision.autocast():
-            probabilities = model(batch).float().softmax(1)
+        probabilities = score(torch.stack(images)).float().softmax(1)
         top = probabilities.topk(min(topk, len(classes)), dim=1)
         for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             predictions.append(Prediction(path, [classes[i] for i in indices], values))
     return predictions, skipped
+
+
+def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
+    """A checkpoint's model on cfg.device, with the training preprocessing; its classes and the size
+    files are decoded to (CIFAR: 32, resized on the device as in training)."""
+    trained = model_from_checkpoint(cfg.checkpoint, cfg.device, cfg.precision)
+    norm = trained.checkpoint["normalization"]
+    transform = BatchTransform(norm["mean"], norm["std"], output_size=norm["image_size"],
+                               channels_last=use_channels_last("auto", trained.device))
+
+    def score(images: torch.Tensor) -> torch.Tensor:
+        with trained.precision.autocast():
+            return trained.model(transform(images.to(trained.device))).float()
+    return score, trained.classes, norm.get("stored_size", norm["image_size"])
+
+
+def exported_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
+    """An exported file (resnet-export) with its own preprocessing; classes and size from its metadata."""
+    from ..export import load_exported
+
+    exported = load_exported(cfg.model_file)
+    return exported, exported.metadata.classes, exported.metadata.image_size
 
 
 def write_csv(path: Path, predictions: list[Prediction], topk: int) -> None:
@@ -84,15 +104,12 @@ def predict(cfg: DictConfig) -> int:
     for key in ("topk", "batch_size"):
         if not positive_int(cfg[key]):
             raise ConfigError(f"{key}={cfg[key]!r} is invalid: expected a positive integer")
+    if (cfg.checkpoint is None) == (cfg.model_file is None):
+        raise ConfigError("give checkpoint=<run dir or .pt> or model=<exported .onnx/.ts/.pt file>, one of them")
     check_writable(Path(cfg.output))
-    trained = model_from_checkpoint(cfg.checkpoint, cfg.device, cfg.precision)
-    norm = trained.checkpoint["normalization"]
-    transform = BatchTransform(norm["mean"], norm["std"], output_size=norm["image_size"],
-                               channels_last=use_channels_last("auto", trained.device))
+    score, classes, decode_size = checkpoint_scorer(cfg) if cfg.checkpoint is not None else exported_scorer(cfg)
     files, skipped = collect_files(inputs)
-    predictions, unreadable = predict_files(trained.model, files, trained.classes, transform,
-                                            norm.get("stored_size", norm["image_size"]), trained.precision,
-                                            trained.device, cfg.batch_size, cfg.topk)
+    predictions, unreadable = predict_files(score, files, classes, decode_size, cfg.batch_size, cfg.topk)
     skipped += unreadable
     width = max((len(str(p.path)) for p in predictions), default=10)
     for p in predictions:
@@ -100,6 +117,6 @@ def predict(cfg: DictConfig) -> int:
     for item, reason in skipped:
         print(f"skipped {item}: {reason}", file=sys.stderr)
     output = Path(cfg.output)
-    write_csv(output, predictions, min(cfg.topk, len(trained.classes)))
+    write_csv(output, predictions, min(cfg.topk, len(classes)))
     print(f"\n{len(predictions)} image(s) predicted, {len(skipped)} skipped; wrote {output}")
     return 1 if skipped or not predictions else 0

@@ -115,6 +115,7 @@ class StreamLoader:
                  train: bool, device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard()):
         self.transform, self.train, self.device, self.seed, self.shard = transform, train, device, seed, shard
         self.batch_size, self.epoch, self.skip, self.image_size = batch_size, 0, 0, image_size
+        self.samples = samples
         self.sampler = _EpochSampler(len(samples), seed, train, batch_size, shard)
         self.loader = torch.utils.data.DataLoader(
             DecodedFiles(samples, image_size), batch_size=batch_size, sampler=self.sampler, drop_last=train,

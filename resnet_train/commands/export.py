@@ -1,0 +1,80 @@
+"""resnet-export: a trained model as an ONNX, TorchScript or state-dict file, checked against the
+checkpoint on the run's own images (or generated ones when its data is not at hand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torchvision.transforms.v2 import functional as TF
+
+from .. import export
+from ..build import TrainedModel, load_data, model_from_checkpoint
+from ..config import is_number, positive_int
+from ..data import decode_resized
+from ..errors import ConfigError, UserError
+from ..files import check_writable
+from ..runs import run_dir_of
+
+DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts", "state_dict": "state_dict.pt"}
+
+
+def export_command(cfg: DictConfig) -> Path:
+    """Export `cfg.checkpoint` as `cfg.format`, run the parity check, write its report beside the file."""
+    _check(cfg)
+    trained = model_from_checkpoint(cfg.checkpoint, "cpu", "fp32", channels_last=False)
+    output = Path(cfg.output) if cfg.output else run_dir_of(trained.path) / DEFAULT_NAMES[cfg.format]
+    check_writable(output)
+    metadata = export.metadata_of(trained, cfg.include_preprocessing and cfg.format != "state_dict")
+    path = export.export_model(trained.model, metadata, cfg.format, output,
+                               include_preprocessing=cfg.include_preprocessing, opset=cfg.opset)
+    images, source = parity_images(trained, cfg.parity_images)
+    try:
+        report = export.parity_check(path, cfg.format, trained.model, images, metadata, cfg.atol, cfg.rtol)
+    except export.ParityError as e:
+        e.report.save(export.parity_report_path(path))
+        raise
+    report.save(export.parity_report_path(path))
+    weights = "EMA weights" if trained.uses_ema else "weights"
+    print(f"exported the {weights} of {trained.path} ({metadata.arch}, {len(metadata.classes)} classes, "
+          f"{metadata.image_size}px) as {cfg.format}: {path}")
+    print(f"input: {metadata.input_description()}")
+    print(report.format().replace(" on ", f" on {source}: ", 1))
+    print(f"wrote {path}, {export.parity_report_path(path)}"
+          + (f", {export.metadata_path(path)}" if cfg.format == "state_dict" else ""))
+    return path
+
+
+def _check(cfg: DictConfig) -> None:
+    if cfg.format not in export.FORMATS:
+        raise ConfigError(f"format={cfg.format!r} is invalid: expected one of {', '.join(export.FORMATS)}")
+    if not positive_int(cfg.parity_images):
+        raise ConfigError(f"parity_images={cfg.parity_images!r} is invalid: expected a positive integer")
+    for key in ("atol", "rtol"):
+        if not is_number(cfg[key]) or cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]!r} is invalid: expected a number >= 0")
+    if cfg.opset is not None and not (positive_int(cfg.opset) and cfg.opset >= export.MIN_OPSET):
+        raise ConfigError(f"opset={cfg.opset!r} is invalid: expected an integer >= {export.MIN_OPSET}")
+
+
+def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
+    """Up to `n` uint8 (N, S, S, 3) images of the run's test (else validation) split at the model's
+    input size, and what they are; generated noise images when the run's data cannot be read."""
+    size = trained.checkpoint["normalization"]["image_size"]
+    try:
+        data = load_data(trained.config, torch.device("cpu"))
+    except UserError:
+        return export.random_images(n, size), f"{n} generated images (the run's data is not at hand)"
+    for name, loader in (("test", data.test), ("validation", data.val)):
+        if loader is None:
+            continue
+        if getattr(loader, "images", None) is not None:
+            images = loader.images[:n]
+        else:  # streamed: decode the first files
+            images = torch.stack([decode_resized(path, size).permute(1, 2, 0) for path, _ in loader.samples[:n]])
+        if images.shape[1] != size:  # CIFAR kept at 32px for a model that sees another size
+            images = TF.resize(images.permute(0, 3, 1, 2), [size, size], antialias=True).permute(0, 2, 3, 1)
+        return images.contiguous().numpy(), f"{len(images)} {name} images of the run"
+    return export.random_images(n, size), f"{n} generated images (the run has no test or validation split)"
