@@ -237,8 +237,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.epochs == "auto" and cfg.time_budget is None:
         raise ConfigError("epochs=auto needs time_budget: time_budget=10m epochs=auto trains as many epochs as "
                           "fit in 10 minutes")
-    if cfg.time_budget is not None and cfg.epochs != "auto" and not cfg.resume:  # (resumed: the chosen number)
-        raise ConfigError(f"time_budget={cfg.time_budget} picks the number of epochs: set epochs=auto with it")
+
 
 
 def leaves(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

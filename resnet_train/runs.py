@@ -210,6 +210,8 @@ def plan_run(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict | 
     from .checkpoint import load_checkpoint
 
     ckpt = None
+    if not cfg.resume and cfg.time_budget is not None and cfg.epochs != "auto":  # (a stored run has both)
+        raise ConfigError(f"time_budget={cfg.time_budget} picks the number of epochs: set epochs=auto with it")
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
         check_weights_fit(ckpt, cfg.resume)

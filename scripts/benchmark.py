@@ -11,6 +11,7 @@ Three loops, same model, batch and device, measured in one run:
 
     python scripts/benchmark.py --model resnet20 --batch-size 128
     python scripts/benchmark.py --model resnet18 --data ../shared/data/cifar10-jpeg --json out.json
+    python scripts/benchmark.py --model resnet20 --augment cutout,trivialaugment,randaugment,autoaugment
 
 Prints a markdown table (images/s and the two ratios) and writes the same numbers as JSON.
 """
@@ -37,6 +38,10 @@ from resnet_train.models import ARCHITECTURES
 from resnet_train.optim import Scheduler, cosine
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+# the augment config group's options (configs/augment/*.yaml), as the data path takes them
+AUGMENT_OPTIONS = {"basic": Augment(), "cutout": Augment(cutout=16), "trivialaugment": Augment(policy="trivialaugment"),
+                   "randaugment": Augment(policy="randaugment"), "autoaugment": Augment(policy="autoaugment"),
+                   "resized_crop": Augment(crop="resized", color_jitter=0.4)}
 
 
 def make_model(name: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
@@ -81,14 +86,14 @@ def pure_step(args, device, precision, channels_last) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
-def ours(args, images, labels, device, precision, channels_last) -> float:
+def ours(args, images, labels, device, precision, channels_last, augment: Augment = Augment()) -> float:
     """resnet-train's own epoch function over its in-memory loader (warm-up epoch, then a timed one)."""
     model = make_model(args.model, device, channels_last)
     if args.compile:
         model = torch.compile(model)
     opt = sgd(model)
     n = args.steps * args.batch_size
-    transform = BatchTransform(MEAN, STD, Augment(), channels_last=channels_last)
+    transform = BatchTransform(MEAN, STD, augment, channels_last=channels_last)
     warm = MemoryLoader(images[:args.warmup * args.batch_size].to(device), labels[:args.warmup * args.batch_size].to(device),
                         args.batch_size, transform, train=True)
     loader = MemoryLoader(images[:n].to(device), labels[:n].to(device), args.batch_size, transform, train=True)
@@ -166,6 +171,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="measure each loop this many times, keep the best")
     p.add_argument("--data", help="an ImageFolder root (its train/ is used); default: random images")
     p.add_argument("--skip-tutorial", action="store_true")
+    p.add_argument("--augment", default="", help="also time resnet-train with these augment options, e.g. "
+                   "cutout,trivialaugment,randaugment,autoaugment (rows against basic)")
     p.add_argument("--json", default="benchmark.json", help="where to write the results")
     args = p.parse_args()
 
@@ -180,6 +187,10 @@ def main() -> None:
         best["resnet-train"] = max(best["resnet-train"], ours(args, images, labels, device, precision, channels_last))
         if not args.skip_tutorial:
             best["tutorial"] = max(best["tutorial"], tutorial(args, images, labels, device))
+        for name in filter(None, args.augment.split(",")):
+            key = f"resnet-train, augment={name}"
+            best[key] = max(best.get(key, 0.0), ours(args, images, labels, device, precision, channels_last,
+                                                     AUGMENT_OPTIONS[name]))
 
     result = {
         "device": devices.describe(device) + (f" ({platform.processor() or platform.machine()}, "
@@ -195,9 +206,12 @@ def main() -> None:
     print(f"\n{result['device']}, {args.model}, batch {args.batch_size}, data: {result['data']}\n")
     print("| loop | precision / format | images/s | vs pure step |")
     print("|---|---|---:|---:|")
-    for name, fmt_name in (("pure step", fmt), ("resnet-train", fmt), ("tutorial", "fp32, NCHW, PIL + 2 workers")):
+    policies = [k for k in best if k.startswith("resnet-train, augment=")]
+    for name, fmt_name in (("pure step", fmt), ("resnet-train", fmt), ("tutorial", "fp32, NCHW, PIL + 2 workers"),
+                           *((k, fmt) for k in policies)):
         if best[name]:
-            print(f"| {name} | {fmt_name} | {best[name]:,.0f} | {best[name] / best['pure step']:.2f} |")
+            print(f"| {name} | {fmt_name} | {best[name]:,.0f} | {best[name] / best['pure step']:.2f} |"
+                  + (f" {best[name] / best['resnet-train']:.2f} of augment=basic |" if name in policies else ""))
     if result["resnet_train_vs_tutorial"]:
         print(f"\nresnet-train / tutorial: {result['resnet_train_vs_tutorial']:.2f}x")
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

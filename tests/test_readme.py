@@ -73,7 +73,9 @@ def adapt(line: str, cwd: Path) -> list[str]:
     for arg in args:
         key, _, value = arg.partition("=")
         if key == "epochs":
-            arg = "epochs=1"
+            arg = "epochs=auto" if value == "auto" else "epochs=1"
+        elif key == "time_budget":
+            arg = "time_budget=10s"
         elif key == "dataset.image_size" and int(value) > 72:
             arg = "dataset.image_size=72"
         elif key == "hydra.sweeper.n_trials":
@@ -86,7 +88,8 @@ def adapt(line: str, cwd: Path) -> list[str]:
         extra.append("dataset.image_size=72")
     if "resume" not in keys:
         extra.append("dataset.val_size=40" if "dataset=image_folder" not in args else "dataset.val_size=0.25")
-    return shrunk + [e for e in extra if e.split("=")[0] not in keys and not ("resume" in keys and e.startswith("epochs"))]
+    skip = {"epochs"} if "resume" in keys or "time_budget" in keys else set()
+    return shrunk + [e for e in extra if e.split("=")[0] not in keys | skip]
 
 
 def _data_root(arg: str, line: str, run_dataset: str | None) -> str:
