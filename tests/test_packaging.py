@@ -33,7 +33,10 @@ def test_non_editable_install_runs_from_another_directory(tmp_path):
     help_text = subprocess.run([venv / "bin" / "resnet-train", "--help"], check=True, capture_output=True,
                                text=True, cwd=elsewhere).stdout
     assert "model: resnet101, resnet110, resnet152, resnet18" in help_text and "experiment:" in help_text
-    assert "checkpoint=PATH" in subprocess.run([venv / "bin" / "resnet-eval", "--help"], check=True,
-                                               capture_output=True, text=True, cwd=elsewhere).stdout
+    for name in ("resnet-eval", "resnet-export", "resnet-predict"):
+        assert "checkpoint=PATH" in subprocess.run([venv / "bin" / name, "--help"], check=True,
+                                                   capture_output=True, text=True, cwd=elsewhere).stdout, name
+    assert (site / "resnet_train" / "configs" / "augment" / "trivialaugment.yaml").is_file()
+    assert (site / "resnet_train" / "data" / "policies.py").is_file()
     module = subprocess.run([python, "-m", "resnet_train", "epochs=0"], capture_output=True, text=True, cwd=elsewhere)
     assert module.returncode == 2 and "epochs=0 is invalid" in module.stderr

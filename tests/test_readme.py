@@ -88,7 +88,9 @@ def adapt(line: str, cwd: Path) -> list[str]:
         extra.append("dataset.image_size=72")
     if "resume" not in keys:
         extra.append("dataset.val_size=40" if "dataset=image_folder" not in args else "dataset.val_size=0.25")
-    skip = {"epochs"} if "resume" in keys or "time_budget" in keys else set()
+    if any(a.startswith("experiment=budget") for a in args):  # (its time_budget picks the epochs)
+        extra.append("time_budget=10s")
+    skip = {"epochs"} if "resume" in keys or "time_budget" in keys or "time_budget=10s" in extra else set()
     return shrunk + [e for e in extra if e.split("=")[0] not in keys | skip]
 
 

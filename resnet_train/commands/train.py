@@ -98,11 +98,12 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
     }, device=device, writer=world.is_main, resumed_from=state if ckpt is not None else None, ema=settings.ema)
     try:
         with GracefulStop() as stop:
-            loop = Loop(optimizer, scheduler, precision, scaler, logger, checkpoints, settings, cfg.log_every_n_steps,
-                        cfg.checkpoint.every_n_steps, distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
-                        cfg.progress if world.is_main else False,
-                        cfg.tensorboard.mistakes if cfg.tensorboard.images else 0, cfg.tta, cfg.ema.evaluate,
-                        EarlyStopping(**cfg.early_stopping))
+            loop = Loop(optimizer, scheduler, precision, scaler, logger, checkpoints, step=settings,
+                        log_every=cfg.log_every_n_steps, checkpoint_every=cfg.checkpoint.every_n_steps,
+                        should_stop=distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
+                        progress=cfg.progress if world.is_main else False,
+                        mistakes=cfg.tensorboard.mistakes if cfg.tensorboard.images else 0, tta=cfg.tta,
+                        ema_selects=cfg.ema.evaluate, early_stopping=EarlyStopping(**cfg.early_stopping))
             metrics = fit(model, data, loop, state, cfg.epochs, started_at)
     except TrainingInterrupted:
         stop.signum = stop.signum or signal.SIGTERM  # another process received it
