@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed, pause
+from .config import in_current_schema
 from .ema import WeightEMA
 from .errors import CheckpointError, TrainingDiverged
 from .files import atomic_write, storage_error
@@ -76,6 +77,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is a torch file but not a resnet-train checkpoint "
                               f"(it lacks {', '.join(k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt)})")
+    ckpt["config"] = in_current_schema(ckpt["config"])
     return ckpt
 
 

@@ -204,6 +204,7 @@ KEYS: dict[str, Key] = {
     "scheduler.patience": Key(non_negative_int, "a non-negative integer", required=False),
     "scheduler.pct_start": Key(number_in(0, 1, low_open=True), "a number in (0, 1)", required=False),
 }
+CHOSEN_GROUPS = ("model", "dataset", "optim", "scheduler")  # keys differ between options
 OPEN_GROUPS = ("optim", "scheduler")  # any constructor argument may be added (+optim.betas=...)
 RESUMABLE = frozenset(k for k, v in KEYS.items() if v.resumable)
 
@@ -334,6 +335,24 @@ def compose_train(overrides: list[str]) -> DictConfig:
             return compose(config_name="train", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise hydra_error(e) from None
+
+
+def in_current_schema(stored: dict) -> dict:
+    """A checkpoint's config in today's schema, so that runs of earlier versions still evaluate,
+    predict, export and resume: keys that moved are moved (`dataset.augment` became the `augment`
+    group), keys added since take their defaults (every new feature's default is off)."""
+    config = OmegaConf.to_container(OmegaConf.create(stored))  # (a copy)
+    if "augment" not in config and isinstance(config.get("dataset", {}).get("augment"), dict):
+        config["augment"] = config["dataset"].pop("augment")
+    defaults = OmegaConf.to_container(compose_train([]))
+    for key, default in defaults.items():
+        if key == "hydra":
+            continue
+        if key not in config:
+            config[key] = default
+        elif isinstance(default, dict) and key not in CHOSEN_GROUPS:  # (a group's keys depend on its choice)
+            config[key] = {**default, **config[key]}
+    return config
 
 
 def hydra_error(e: Exception) -> ConfigError:

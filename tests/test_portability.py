@@ -139,3 +139,31 @@ def test_checkpoints_hold_only_cpu_tensors(gpu_checkpoint, tmp_path):
     ckpt = torch.load(tmp_path / "copy.pt", weights_only=True)
     tensors = [t for t in ckpt["model"].values()] + [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
     assert all(t.device.type == "cpu" for t in tensors)
+
+
+def first_version_config(config: dict) -> dict:
+    """What the first version stored: augmentation under dataset.augment, none of the keys added since."""
+    config = dict(config, dataset={**config["dataset"], "augment": {"crop_padding": 4, "hflip": True}})
+    for key in ("augment", "mix", "ema", "tta", "grad_clip_norm", "accumulate_grad_batches", "early_stopping",
+                "time_budget", "deterministic"):
+        del config[key]
+    return config
+
+
+def test_a_first_version_run_evaluates_predicts_and_resumes(cifar_root, tmp_path):
+    user = Runner(tmp_path)
+    (user.cwd / "data").symlink_to(cifar_root)
+    args = ["model=resnet20", "batch_size=64", "dataset.val_size=100", "num_workers=0", "tensorboard.images=false"]
+    assert_ok(user("resnet-train", *args, "epochs=1", "hydra.run.dir=v1"))
+    for name in ("best", "last"):
+        path = user.cwd / "v1" / "checkpoints" / f"{name}.pt"
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["config"] = first_version_config(ckpt["config"])
+        torch.save(ckpt, path)
+    assert_ok(user("resnet-eval", "checkpoint=v1"))
+    assert_ok(user("resnet-summary", "checkpoint=v1"))
+    resumed = user("resnet-train", *args, "epochs=2", "resume=v1")  # the original command line + resume=
+    assert_ok(resumed)
+    stored = torch.load(user.cwd / "v1" / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert stored["augment"]["crop_padding"] == 4 and "augment" not in stored["dataset"]
+    assert stored["ema"]["decay"] == 0.0 and metrics_of(user.cwd / "v1")["epochs"] == 2
