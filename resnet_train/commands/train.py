@@ -84,7 +84,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
     state = TrainState()
     if ckpt is not None:
         state = restore_training(ckpt, model, optimizer, scheduler, scaler, cfg.resume, device, settings.ema)
-        log.info(f"Resuming from {cfg.resume}: epoch {state.epoch + 1}, step {state.global_step} "
+        log.info(f"Resuming from {cfg.resume}: {_resume_point(state, cfg.epochs)}, step {state.global_step} "
                  f"(best val accuracy so far {_pct(state.best_val_accuracy)})")
     model = wrap_for_training(model, cfg, device)
 
@@ -209,3 +209,11 @@ def out_of_memory_error(cfg: DictConfig) -> UserError:
         torch.cuda.empty_cache()  # the next job of a sweep starts with the memory this one held
     return UserError(f"out of memory on the device with batch_size={cfg.batch_size}; "
                      f"try batch_size={max(cfg.batch_size // 2, 1)}")
+
+
+def _resume_point(state: TrainState, epochs: int) -> str:
+    if state.epoch_progress:
+        return f"part-way through epoch {state.epoch + 1}/{epochs}"
+    if state.epoch >= epochs or state.stopped_early:
+        return f"all {state.epoch} epochs trained, the final test to run"
+    return f"at epoch {state.epoch + 1}/{epochs}"
