@@ -81,7 +81,8 @@ def load_data(cfg: DictConfig, device: torch.device, shard: Shard = Shard(), **o
             channels_last=use_channels_last(cfg.channels_last, device), shard=shard, log=log.info)
 
 
-def build_model(cfg: DictConfig, num_classes: int, device: torch.device, load_pretrained: bool = True) -> torch.nn.Module:
+def build_model(cfg: DictConfig, num_classes: int, device: torch.device,
+                load_pretrained: bool = True) -> torch.nn.Module:
     """The configured model on `device`; `load_pretrained=False` skips model.pretrained (when the
     weights come from a checkpoint anyway). Sets cfg.model.stem to the stem it resolved to."""
     stem = stem_of(cfg)

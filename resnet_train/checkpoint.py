@@ -75,8 +75,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"no checkpoint file at {path}")
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        raise CheckpointError(f"{path} is a torch file but not a resnet-train checkpoint "
-                              f"(it lacks {', '.join(k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt)})")
+        lacking = ", ".join(k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt)
+        raise CheckpointError(f"{path} is a torch file but not a resnet-train checkpoint (it lacks {lacking})")
     ckpt["config"] = in_current_schema(ckpt["config"])
     return ckpt
 

@@ -52,16 +52,20 @@ def pick_device(spec: str) -> torch.device:
         return torch.device("cpu")
     if spec == "mps":
         if not mps_available():
-            raise DeviceError("device=mps was requested but MPS (Apple GPU) is not available here; use device=auto or device=cpu")
+            raise DeviceError("device=mps was requested but MPS (Apple GPU) is not available here; "
+                              "use device=auto or device=cpu")
         return torch.device("mps")
     match = re.fullmatch(r"cuda(?::(\d+))?", spec)
     if match is None:
         raise DeviceError(f"device={spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if not cuda_available():
-        raise DeviceError(f"device={spec} was requested but no CUDA GPU is available here; use device=auto or device=cpu")
+        raise DeviceError(f"device={spec} was requested but no CUDA GPU is available here; "
+                          "use device=auto or device=cpu")
     index = int(match.group(1) or 0)
     if index >= cuda_device_count():
-        raise DeviceError(f"device={spec} was requested but this machine has {cuda_device_count()} CUDA GPU(s) (cuda:0..cuda:{cuda_device_count() - 1})")
+        count = cuda_device_count()
+        raise DeviceError(f"device={spec} was requested but this machine has {count} CUDA GPU(s) "
+                          f"(cuda:0..cuda:{count - 1})")
     return torch.device("cuda", index)
 
 

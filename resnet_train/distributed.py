@@ -39,7 +39,8 @@ def from_environment(env: dict[str, str] | None = None) -> Distributed:
     if int(env.get("WORLD_SIZE", "1")) > 1:  # torchrun
         return Distributed(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
     if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # tasks of one srun step (submitit uses srun)
-        return Distributed(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0")))
+        return Distributed(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                           int(env.get("SLURM_LOCALID", "0")))
     return Distributed()
 
 

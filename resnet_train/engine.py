@@ -133,7 +133,8 @@ class _Meter:
         if not distributed.active():
             loss_sum, correct, bad_step = self.state.tolist()
             return loss_sum, correct, None if bad_step < 0 else int(bad_step)
-        sums, bad = distributed.all_reduce(self.state[:2].clone()), distributed.all_reduce(self.state[2:].clone(), "max")
+        sums = distributed.all_reduce(self.state[:2].clone())
+        bad = distributed.all_reduce(self.state[2:].clone(), "max")
         (loss_sum, correct), (bad_step,) = sums.tolist(), bad.tolist()
         return loss_sum, correct, None if bad_step < 0 else int(bad_step)
 
@@ -234,7 +235,8 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
 
 def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: Precision,
                       scaler: torch.amp.GradScaler, settings: StepSettings, synchronize: bool = True,
-                      zero_grad: torch.optim.Optimizer | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      zero_grad: torch.optim.Optimizer | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and gradients of one (micro-)batch; the labels accuracy counts against. `zero_grad`: the
     optimizer whose gradients to clear first (the first micro-batch of a step: the last step's stay
     until then, for the gradient histograms). Under DDP the gradients are all-reduced only with the

@@ -139,7 +139,8 @@ def _train_epoch(model: nn.Module, data: Data, loop: Loop, state: TrainState, ep
     try:
         train, state.global_step = train_one_epoch(
             model, data.train, loop.optimizer, loop.scheduler, loop.precision, loop.scaler, loop.step,
-            global_step=state.global_step, start=resume, log_every=loop.log_every, on_log=loop.logger.train_step, checkpoint_every=loop.checkpoint_every,
+            global_step=state.global_step, start=resume, log_every=loop.log_every, on_log=loop.logger.train_step,
+            checkpoint_every=loop.checkpoint_every,
             on_checkpoint=save_mid_epoch, should_stop=loop.should_stop, desc=f"epoch {epoch}/{epochs} train",
             progress=loop.progress)
     except TrainingInterrupted as stop:

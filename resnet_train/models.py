@@ -225,7 +225,8 @@ def load_backbone(model: ResNet, state: dict[str, torch.Tensor], source: str) ->
     missing, unexpected = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
     mismatched = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
     if missing or unexpected or mismatched:
-        detail = (f"{mismatched[0]} is {tuple(theirs[mismatched[0]].shape)} there, {tuple(own[mismatched[0]].shape)} here"
+        first = mismatched[0] if mismatched else None
+        detail = (f"{first} is {tuple(theirs[first].shape)} there, {tuple(own[first].shape)} here"
                   if mismatched else f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
         raise ModelError(f"the weights of {source} do not fit this model ({detail}); pretrained weights need the "
                          "same architecture with the imagenet stem (model.stem=imagenet)")
@@ -250,8 +251,8 @@ def _build(arch: str, block, layers, widths, shortcut: Shortcut, num_classes: in
 
 
 def _factory(arch: str, block, layers: list[int], widths: list[int], shortcut: Shortcut):
-    def factory(num_classes: int = 10, stem: Stem | Literal["auto"] = "cifar", dropout: float = 0.0, zero_init_residual: bool = False,
-                pretrained: str | None = None, freeze: str = "none") -> ResNet:
+    def factory(num_classes: int = 10, stem: Stem | Literal["auto"] = "cifar", dropout: float = 0.0,
+                zero_init_residual: bool = False, pretrained: str | None = None, freeze: str = "none") -> ResNet:
         return _build(arch, block, layers, widths, shortcut, num_classes, stem, dropout, zero_init_residual,
                       pretrained, freeze)
     factory.__name__ = factory.__qualname__ = arch

@@ -71,7 +71,8 @@ def cosine(epochs: int, final_lr_fraction: float = 0.0) -> ScheduleFn:
     return fn
 
 
-def onecycle(epochs: int, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4) -> ScheduleFn:
+def onecycle(epochs: int, pct_start: float = 0.3, div_factor: float = 25.0,
+             final_div_factor: float = 1e4) -> ScheduleFn:
     """Smith's 1cycle (torch's OneCycleLR, cosine annealing): up from lr/div_factor, then down to
     lr/(div_factor*final_div_factor)."""
     start, end = 1 / div_factor, 1 / (div_factor * final_div_factor)

@@ -159,7 +159,8 @@ class RunLogger:
         width = len(str(self.epochs))
         log.info(f"epoch {row['epoch']:>{width}}/{self.epochs}  train loss {row['train_loss']:.4f} acc "
                  f"{row['train_accuracy']:6.2%}  {val}  lr {row['lr']:.4g}  "
-                 f"{row['images_per_second']:,.0f} img/s  {row['epoch_seconds']:.1f}s{'  *best' if row['is_best'] else ''}")
+                 f"{row['images_per_second']:,.0f} img/s  {row['epoch_seconds']:.1f}s"
+                 f"{'  *best' if row['is_best'] else ''}")
 
     def flush(self) -> None:
         self.writer.flush()

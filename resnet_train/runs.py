@@ -160,7 +160,8 @@ def resume_arguments(args: list[str]) -> list[str]:
     try:
         checkpoint = find_checkpoint(given[-1])
     except CheckpointError:
-        if given[-1] != "latest" and stored_overrides(target) is not None and not (target / "checkpoints" / "last.pt").exists():
+        unstarted = stored_overrides(target) is not None and not (target / "checkpoints" / "last.pt").exists()
+        if given[-1] != "latest" and unstarted:  # (it died before its first checkpoint)
             return _restart_arguments(target.resolve(), args)
         raise
     run_dir = run_dir_of(checkpoint)

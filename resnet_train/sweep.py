@@ -91,7 +91,8 @@ class SweepSummary(Callback):
         write_json(job_dir / "job_status.json", {
             "job": config.hydra.job.num, "overrides": ",".join(swept) or job_dir.name,
             "status": "failed" if failed else "ok",
-            **{k: metrics.get(k) for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs", "wall_seconds")},
+            **{k: metrics.get(k)
+               for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs", "wall_seconds")},
             "error": (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if failed else "",
             "job_dir": os.path.relpath(job_dir, sweep_dir),
         })
@@ -120,7 +121,8 @@ class SweepSummary(Callback):
     def _print(self, sweep_dir: Path, rows: list[dict]) -> None:
         self.printed = True
         pct = lambda v: "" if v is None else f"{v:.2%}"  # noqa: E731
-        lines = ["| overrides | best val acc | test acc | best epoch | wall time | status |", "|---|---:|---:|---:|---:|---|"]
+        lines = ["| overrides | best val acc | test acc | best epoch | wall time | status |",
+                 "|---|---:|---:|---:|---:|---|"]
         for r in rows:
             wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}s"
             status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"

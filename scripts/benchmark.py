@@ -94,8 +94,8 @@ def ours(args, images, labels, device, precision, channels_last, augment: Augmen
     opt = sgd(model)
     n = args.steps * args.batch_size
     transform = BatchTransform(MEAN, STD, augment, channels_last=channels_last)
-    warm = MemoryLoader(images[:args.warmup * args.batch_size].to(device), labels[:args.warmup * args.batch_size].to(device),
-                        args.batch_size, transform, train=True)
+    n_warm = args.warmup * args.batch_size
+    warm = MemoryLoader(images[:n_warm].to(device), labels[:n_warm].to(device), args.batch_size, transform, train=True)
     loader = MemoryLoader(images[:n].to(device), labels[:n].to(device), args.batch_size, transform, train=True)
     sched = Scheduler(opt, cosine(10), len(loader))
     scaler = precision.grad_scaler()
@@ -125,8 +125,8 @@ def tutorial(args, images, labels, device) -> float:
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
     n = (args.warmup + args.steps) * args.batch_size
     if args.data:  # images read from disk every epoch, as with torchvision.datasets.ImageFolder
-        dataset = torch.utils.data.Subset(datasets.ImageFolder(Path(args.data) / "train", transform=transform),
-                                          torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:n].tolist())
+        subset = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:n].tolist()
+        dataset = torch.utils.data.Subset(datasets.ImageFolder(Path(args.data) / "train", transform=transform), subset)
     else:
         dataset = _PILImages(images[:n].numpy(), labels[:n].numpy(), transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2,
@@ -155,11 +155,13 @@ def load_images(args) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = [samples[i] for i in pick]
         return decode_all(chosen, 32, num_workers=2), torch.tensor([label for _, label in chosen])
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    return images, torch.randint(0, 10, (n,), generator=g)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20", choices=sorted(ARCHITECTURES))
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--precision", default="auto", choices=devices.PRECISIONS)

@@ -68,7 +68,8 @@ def format_table(rows: list[LayerRow], model: nn.Module, image_size: int) -> str
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     width = max(len(r.name) for r in rows) + 2
-    lines = [f"{'layer':<{width}}{'type':<18}{'output shape':<20}{'params':>12}  {'':9}{'MACs':>14}", "-" * (width + 80)]
+    header = f"{'layer':<{width}}{'type':<18}{'output shape':<20}{'params':>12}  {'':9}{'MACs':>14}"
+    lines = [header, "-" * (width + 80)]
     for r in rows:
         shape = "x".join(map(str, r.output_shape))
         status = "" if not r.params else ("trainable" if r.trainable else "frozen")

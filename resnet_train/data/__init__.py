@@ -89,8 +89,12 @@ def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] |
         class_to_idx = {c: i for i, c in enumerate(classes)}
         to_split = lambda s: Split(torch.tensor([label for _, label in s]), samples=s)  # noqa: E731
         train = to_split(samples)
-        val = to_split(list_image_folder(root_path / "val", class_to_idx)[0]) if (root_path / "val").is_dir() else None
-        test = to_split(list_image_folder(root_path / "test", class_to_idx)[0]) if (root_path / "test").is_dir() else None
+
+        def optional_split(name: str) -> Split | None:
+            folder = root_path / name
+            return to_split(list_image_folder(folder, class_to_idx)[0]) if folder.is_dir() else None
+
+        val, test = optional_split("val"), optional_split("test")
         total = sum(len(s) for s in (train, val, test) if s is not None)
         storage = loader
         if loader == "auto":
@@ -98,7 +102,8 @@ def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] |
         stored_size = image_size
         if storage == "memory":
             log(f"Decoding {total:,} images from {root_path} at {image_size}x{image_size} into memory")
-            train, val, test = (None if s is None else Split(s.labels, images=decode_all(s.samples, image_size, num_workers))
+            train, val, test = (None if s is None
+                                else Split(s.labels, images=decode_all(s.samples, image_size, num_workers))
                                 for s in (train, val, test))
     else:
         raise DataError(f"dataset.name={name!r} is not one of cifar10, cifar100, image_folder")
@@ -107,7 +112,8 @@ def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] |
         val_source = f"{root_path / 'val'} ({len(val):,} images)"
     elif val_size == 0:
         val = test
-        val_source = "the test split (dataset.val_size=0: training on every training image)" if test is not None else "none"
+        val_source = ("the test split (dataset.val_size=0: training on every training image)"
+                      if test is not None else "none")
     else:
         n_val = resolve_val_size(val_size, len(train))
         train_idx, val_idx = stratified_split(train.labels, n_val, split_seed)

@@ -58,7 +58,8 @@ def load_cifar(name: str, root: str | Path, download: bool) -> tuple[Split, Spli
     test = cls(root, train=False)
 
     def split(ds) -> Split:
-        return Split(torch.as_tensor(ds.targets, dtype=torch.int64), images=torch.from_numpy(np.ascontiguousarray(ds.data)))
+        return Split(torch.as_tensor(ds.targets, dtype=torch.int64),
+                     images=torch.from_numpy(np.ascontiguousarray(ds.data)))
     return split(train), split(test), list(train.classes)
 
 
@@ -115,7 +116,8 @@ def _as_8bit_rgb(im: Image.Image, path: str) -> Image.Image:
     return im.convert("RGB")
 
 
-def list_image_folder(folder: Path, class_to_idx: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def list_image_folder(folder: Path,
+                      class_to_idx: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """Samples and class names of an ImageFolder-style tree (`folder/<class>/<image>`)."""
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist; expected {folder}/<class>/<image files>")

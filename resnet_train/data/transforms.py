@@ -65,7 +65,8 @@ class Draws:
         return Draws(pick(self.crop), self.flips[rows], pick(self.policy), pick(self.jitter), pick(self.erasing))
 
 
-def draw_augmentation(batch_size: int, padding: int, hflip: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_augmentation(batch_size: int, padding: int, hflip: bool,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop offsets (B, 2: top, left) in [0, 2*padding] and flip flags (B,)."""
     device = generator.device
     offsets = torch.randint(0, 2 * padding + 1, (batch_size, 2), generator=generator, device=device)
@@ -89,7 +90,8 @@ def draw_resized_crop(batch_size: int, size: int, scale: tuple[float, float], ge
     share in `scale` and an aspect ratio (log-uniform), the first of `attempts` that fits, else
     the whole image. Every image draws all its candidates at once (a fixed number of draws)."""
     g, device = generator, generator.device
-    area = size * size * (scale[0] + (scale[1] - scale[0]) * torch.rand(batch_size, attempts, generator=g, device=device))
+    share = scale[0] + (scale[1] - scale[0]) * torch.rand(batch_size, attempts, generator=g, device=device)
+    area = size * size * share
     log_ratio = torch.log(torch.tensor(ratio, device=device))
     aspect = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(batch_size, attempts, generator=g,
                                                                                   device=device))
