@@ -15,6 +15,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -47,9 +48,11 @@ def epochs_within(budget: float, elapsed: float, timing: Timing, safety: float =
 
 
 def measure(cfg: DictConfig, model: torch.nn.Module, data: Data, precision: Precision, device: torch.device,
+            wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
             steps: int = 12, warmup: int = 4) -> Timing:
     """Time `steps` training steps (after `warmup` untimed ones) and a few validation batches on
-    copies of the model and optimizer: the run itself is not touched."""
+    copies of the model and optimizer: the run itself is not touched. `wrap` does to the copy what
+    the run does to its model (DistributedDataParallel: the steps then include its all-reduce)."""
     from .build import build_optimizer_and_scheduler, step_settings
 
     k = cfg.accumulate_grad_batches
@@ -60,17 +63,17 @@ def measure(cfg: DictConfig, model: torch.nn.Module, data: Data, precision: Prec
     if settings.mixer is not None:
         settings.mixer.set_epoch(0)
     data.train.set_epoch(0)  # (epoch 0 is never trained: drawing from it changes nothing)
-    batches = itertools.cycle(data.train)
-    twin.train()
+    batches, trained = _endless(data.train), wrap(twin)
+    trained.train()
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)
             start = time.perf_counter()
         for micro in range(1, k + 1):
             images, labels = next(batches)
-            _forward_backward(twin, images, labels, precision, scaler, settings, synchronize=micro == k,
+            _forward_backward(trained, images, labels, precision, scaler, settings, synchronize=micro == k,
                               zero_grad=optimizer if micro == 1 else None)
-        _optimizer_step(twin, optimizer, scheduler, scaler, settings)
+        _optimizer_step(trained, optimizer, scheduler, scaler, settings)
     synchronize(device)
     step_seconds = (time.perf_counter() - start) / steps
     per_image = _eval_seconds_per_image(twin, data.val or data.test, precision, len(data.classes), cfg.tta)
@@ -79,6 +82,12 @@ def measure(cfg: DictConfig, model: torch.nn.Module, data: Data, precision: Prec
     test_images = data.test.num_images if data.test is not None else 0
     return Timing(step_seconds, len(data.train) // k, per_image * val_images * evaluations, per_image * test_images,
                   2 * _save_seconds(twin, optimizer, settings))
+
+
+def _endless(loader: Loader) -> Iterator:
+    """The loader's batches again and again (itertools.cycle would keep every batch it has seen)."""
+    while True:
+        yield from loader
 
 
 def _save_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings) -> float:
@@ -100,12 +109,16 @@ def _eval_seconds_per_image(model: torch.nn.Module, loader: Loader | None, preci
     return result.seconds / max(result.images, 1)
 
 
+def planned_seconds(elapsed: float, timing: Timing, epochs: int) -> float:
+    return elapsed + epochs * timing.epoch_seconds + timing.test_seconds
+
+
 def describe(budget: float, elapsed: float, timing: Timing, epochs: int) -> str:
-    planned = elapsed + epochs * timing.epoch_seconds + timing.test_seconds
-    return (f"time_budget={_duration(budget)}: {timing.step_seconds:.3f}s per step ({timing.steps_per_epoch} an "
+    planned = planned_seconds(elapsed, timing, epochs)
+    return (f"time_budget={duration_text(budget)}: {timing.step_seconds:.3f}s per step ({timing.steps_per_epoch} an "
             f"epoch), {timing.val_seconds:.1f}s per validation, {elapsed:.0f}s of setup -> {epochs} epochs "
-            f"(planned {_duration(planned)})")
+            f"(planned {duration_text(planned)})")
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f} min"

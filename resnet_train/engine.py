@@ -257,7 +257,8 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
                     scaler: torch.amp.GradScaler, settings: StepSettings) -> None:
     if settings.grad_clip_norm:
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm, foreach=True)
+        # (foreach=None: torch picks per device; MPS has no foreach kernels and True would raise there)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm, foreach=None)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()

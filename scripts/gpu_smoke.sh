@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole flow on a CUDA GPU, on generated CIFAR-format data: train 2 epochs in bf16 and in fp16,
 # resnet-eval, resnet-predict, SIGTERM + resume, torchrun with 1 process, compile=true, and
-# deterministic=true twice (equal weights). Prints a table of what passed, with img/s.
+# deterministic=true twice (equal weights), and no host sync inside a training step
+# (scripts/sync_check.py). Prints a table of what passed, with img/s.
 # Without a CUDA GPU it says so and exits 0.
 #
 #   pip install -e ".[test]" && bash scripts/gpu_smoke.sh     (the data comes from tests/conftest.py)
@@ -76,9 +77,13 @@ EOF
 rc=$((rc1 + rc2)); [ "$same" = "1" ] || rc=1
 record "deterministic=true twice: equal weights" $rc runs/det1 $ELAPSED
 
+timed $PYTHON "$HERE/sync_check.py"; rc=$?; cp "$WORK/last.log" "$WORK/sync.log"
+record "no host sync in a training step (6 augment options x bf16/fp16, scripts/sync_check.py)" $rc "" $ELAPSED
+
 echo
 echo "| step | result | train img/s | seconds |"
 echo "|---|---|---:|---:|"
 printf '%s\n' "${ROWS[@]}"
+echo; cat "$WORK/sync.log"
 [ $failed -eq 0 ] || { echo; echo "gpu_smoke: FAILED (the last command's output):"; tail -20 "$WORK/last.log"; }
 exit $failed

@@ -176,6 +176,15 @@ def test_time_budget_run_stores_its_choice(small_cifar_root, run_cli):
     assert again.returncode == 2 and f"has finished all {chosen} epochs" in again.stderr
 
 
+def test_a_time_budget_below_one_epoch_warns(small_cifar_root, run_cli):
+    (run_cli.cwd / "data").symlink_to(small_cifar_root)
+    result = run_cli("resnet-train", *[a for a in FAST if not a.startswith("epochs")], "epochs=auto",
+                     "time_budget=1s", "hydra.run.dir=budget")
+    assert_ok(result)
+    assert "time_budget=1s is too short for one epoch" in result.stdout + result.stderr
+    assert metrics_of(run_cli.cwd / "budget")["epochs"] == 1
+
+
 def test_ema_and_early_stopping_survive_kill_and_resume(small_cifar_root, tmp_path):
     user = Runner(tmp_path / "work")
     (user.cwd / "data").symlink_to(small_cifar_root)

@@ -92,6 +92,18 @@ def test_torchrun_resumes(runs):
     assert metrics["epochs"] == 3 and [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
 
 
+def test_torchrun_time_budget_times_the_distributed_step(runs):
+    """epochs=auto under torchrun: the timed steps run under DistributedDataParallel like the run's,
+    the first process's choice holds for all, and the run fits."""
+    user, _ = runs
+    run = [a for a in RUN if not a.startswith("epochs=")]
+    result = torchrun(user, *run, "epochs=auto", "time_budget=45s", "hydra.run.dir=budget")
+    assert_ok(result)
+    assert result.stdout.count("time_budget=45s:") == 1  # (reported by the first process only)
+    chosen = torch.load(user.cwd / "budget" / "checkpoints" / "last.pt", weights_only=True)["config"]["epochs"]
+    assert isinstance(chosen, int) and chosen >= 1 and metrics_of(user.cwd / "budget")["epochs"] == chosen
+
+
 def _local_main_first_worker(rank: int, path: str, port: int) -> None:
     import os
     import time

@@ -144,9 +144,18 @@ def _epochs_for_budget(cfg: DictConfig, model: torch.nn.Module, data: Data, prec
     """epochs=auto: time a few steps and pick the epochs that fit cfg.time_budget (the first
     process decides for all)."""
     seconds = duration_seconds(cfg.time_budget)
-    timing = budget.measure(cfg, model, data, precision, device)
-    epochs = distributed.broadcast_from_main(budget.epochs_within(seconds, time.time() - started_at, timing))
-    log.info(budget.describe(seconds, time.time() - started_at, timing, epochs))
+    eager = OmegaConf.merge(cfg, {"compile": False})  # (compiling a copy would cost the compile twice)
+    timing = budget.measure(cfg, model, data, precision, device, wrap=lambda m: wrap_for_training(m, eager, device))
+    elapsed = time.time() - started_at
+    epochs = distributed.broadcast_from_main(budget.epochs_within(seconds, elapsed, timing))
+    log.info(budget.describe(seconds, elapsed, timing, epochs))
+    planned = budget.planned_seconds(elapsed, timing, epochs)
+    if planned > seconds:
+        log.warning(f"time_budget={cfg.time_budget} is too short for one epoch after {elapsed:.0f}s of setup: "
+                    f"the run will take about {budget.duration_text(planned)}")
+    if cfg.compile:
+        log.warning("time_budget with compile=true: the epochs were timed uncompiled; compiling the model "
+                    "in the first epoch is not in the estimate")
     return epochs
 
 

@@ -289,7 +289,9 @@ def _affine(x: Tensor, theta: Tensor) -> Tensor:
     base_grid[..., 0].copy_(torch.linspace(-w * 0.5 + d, w * 0.5 + d - 1, steps=w, device=theta.device))
     base_grid[..., 1].copy_(torch.linspace(-h * 0.5 + d, h * 0.5 + d - 1, steps=h, device=theta.device).unsqueeze_(-1))
     base_grid[..., 2].fill_(1)
-    rescaled_theta = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=theta.dtype, device=theta.device)
+    rescaled_theta = theta.transpose(1, 2).clone()  # (divided column by column by Python numbers: a
+    rescaled_theta[..., 0] /= 0.5 * w               # tensor of them would be a host copy and a sync per batch)
+    rescaled_theta[..., 1] /= 0.5 * h
     grid = base_grid.view(1, h * w, 3).expand(n, h * w, 3).bmm(rescaled_theta).view(n, h, w, 2)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return torch.round(out).to(torch.uint8)

@@ -92,7 +92,7 @@ def draw_resized_crop(batch_size: int, size: int, scale: tuple[float, float], ge
     g, device = generator, generator.device
     share = scale[0] + (scale[1] - scale[0]) * torch.rand(batch_size, attempts, generator=g, device=device)
     area = size * size * share
-    log_ratio = torch.log(torch.tensor(ratio, device=device))
+    log_ratio = torch.log(torch.tensor(ratio))  # (0-dim CPU values act as scalars: no host copy, no sync)
     aspect = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(batch_size, attempts, generator=g,
                                                                                   device=device))
     width = torch.round(torch.sqrt(area * aspect)).long()

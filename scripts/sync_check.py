@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""No host-device synchronization inside resnet-train's training step, on a CUDA GPU.
+
+Runs the loop's per-batch work -- the data path's crop/flip/policies/cutout/erasing on the device,
+MixUp/CutMix, forward, backward, gradient clipping, the optimizer step and the EMA update -- for
+each augment option under `torch.cuda.set_sync_debug_mode("error")`, which raises at the first
+operation that makes the host wait for the GPU (`.item()`, a tensor built from Python data on
+the device, `nonzero`, ...). Logging and checkpoints, which read the device on purpose every N
+steps, are not part of a step.
+
+    python scripts/sync_check.py             (gpu_smoke.sh runs it; without a CUDA GPU it exits 0)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from resnet_train.data import Augment, BatchTransform, MemoryLoader
+from resnet_train.device import Precision
+from resnet_train.ema import WeightEMA
+from resnet_train.engine import StepSettings, _forward_backward, _optimizer_step
+from resnet_train.mixing import Mixer
+from resnet_train.models import resnet20
+from resnet_train.optim import Scheduler, cosine
+
+OPTIONS = {
+    "crop + flip": Augment(),
+    "resized_crop": Augment(crop="resized"),
+    "trivialaugment": Augment(policy="trivialaugment"),
+    "randaugment": Augment(policy="randaugment"),
+    "autoaugment": Augment(policy="autoaugment"),
+    "color jitter + cutout + erasing": Augment(color_jitter=0.4, cutout=8, erasing=0.25),
+}
+
+
+def steps_without_sync(augment: Augment, precision: Precision, device: torch.device, steps: int = 4) -> None:
+    model = resnet20().to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = Scheduler(optimizer, cosine(2), steps + 1)
+    scaler = precision.grad_scaler()
+    settings = StepSettings(0.1, 1, 1.0, Mixer(0.2, 1.0, 1.0, 0.5, seed=0), WeightEMA(model, 0.99))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, ((steps + 1) * 64, 32, 32, 3), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, 10, ((steps + 1) * 64,), generator=g).to(device)
+    transform = BatchTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment, channels_last=True)
+    loader = MemoryLoader(images, labels, 64, transform, train=True)
+    for epoch, check in enumerate((False, True)):  # a first pass fills the caches (op tables, mean/std)
+        loader.set_epoch(epoch)
+        settings.mixer.set_epoch(epoch)
+        torch.cuda.set_sync_debug_mode("error" if check else "default")
+        try:
+            for x, y in loader:
+                _forward_backward(model, x, y, precision, scaler, settings, zero_grad=optimizer)
+                _optimizer_step(model, optimizer, scheduler, scaler, settings)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sync_check: no CUDA GPU here; nothing to check")
+        return 0
+    device = torch.device("cuda")
+    failed = 0
+    for precision in (Precision("bf16", "cuda"), Precision("fp16", "cuda")):
+        for name, augment in OPTIONS.items():
+            try:
+                steps_without_sync(augment, precision, device)
+                print(f"| {name} | {precision.name} | no sync |")
+            except RuntimeError as e:  # set_sync_debug_mode("error") raises RuntimeError at the sync
+                failed += 1
+                print(f"| {name} | {precision.name} | SYNC: {str(e).splitlines()[0]} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
