@@ -8,11 +8,13 @@ Formats (`export_model(model, metadata, fmt, output)`):
                safetensors when the file name ends in .safetensors); never includes preprocessing.
 
 ONNX and TorchScript exports include the preprocessing by default (`WithPreprocessing`): the graph
-takes uint8 RGB images (N, image_size, image_size, 3) and returns float32 logits (N, classes), so a
-deployer needs no mean or std. Every export carries `ExportMetadata` (classes, image size, mean/std,
-architecture, ...) as one JSON string under the key "resnet_train": in the ONNX model's
-metadata_props, in the TorchScript archive's extra files, and for state dicts in
-`<file>.metadata.json` beside the weights (and in the safetensors header).
+takes uint8 RGB images (N, S, S, 3) and returns float32 logits (N, classes), so a deployer needs no
+mean or std. S is the size training stored its images at: image_size, or 32 for CIFAR trained at
+another size, with the resize to image_size (bilinear, as training did it on the device) inside the
+graph. Every export carries `ExportMetadata` (classes, image size, mean/std, architecture, ...) as
+one JSON string under the key "resnet_train": in the ONNX model's metadata_props, in the TorchScript
+archive's extra files, and for state dicts in `<file>.metadata.json` beside the weights (and in the
+safetensors header).
 
 What a state dict means outside resnet-train (`torchvision_compatibility`, also in the metadata):
   resnet18..152, imagenet stem  loads into torchvision.models.resnetNN(num_classes=K), strict.
@@ -34,7 +36,7 @@ import importlib
 import json
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Iterator, Mapping, Sequence
@@ -83,6 +85,12 @@ class ExportMetadata:
     std: list[float] | None
     source_checkpoint: str = ""
     preprocessing_included: bool = True  # the graph takes uint8 NHWC images and normalizes itself
+    stored_size: int | None = None  # training stored images at this size and resized them to image_size
+
+    @property
+    def input_size(self) -> int:
+        """The side of the images the exported model takes (with preprocessing: uint8 NHWC)."""
+        return self.stored_size or self.image_size
 
     def __post_init__(self) -> None:
         # plain lists, as JSON gives them back, so a round trip compares equal (tuples from a caller)
@@ -96,23 +104,29 @@ class ExportMetadata:
             raise ExportError("metadata: classes must be a non-empty list of names")
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise ExportError(f"metadata: image_size={self.image_size!r} is not a positive integer")
+        if self.stored_size is not None and (not isinstance(self.stored_size, int) or self.stored_size < 1):
+            raise ExportError(f"metadata: stored_size={self.stored_size!r} is not a positive integer")
         if (self.mean is None) != (self.std is None) or (self.mean is not None and not (
                 len(self.mean) == len(self.std) == 3 and all(s > 0 for s in self.std))):
             raise ExportError(f"metadata: mean={self.mean} std={self.std} must both be None or 3 values (std > 0)")
 
     def describe(self) -> dict:
         """The fields plus what they mean for a deployer (input, output, torchvision compatibility)."""
-        return {**asdict(self), "metadata_version": METADATA_VERSION, "input": self.input_description(),
+        return {**asdict(self), "input_size": self.input_size, "metadata_version": METADATA_VERSION,
+                "input": self.input_description(),
                 "output": f"float32 logits (N, {len(self.classes)}); logit i is classes[i] (softmax: probabilities)",
                 "torchvision": torchvision_compatibility(self.arch, self.stem),
                 "exported_with": f"resnet-train {__version__}, torch {torch.__version__}"}
 
     def input_description(self) -> str:
-        size = self.image_size
+        size, given = self.image_size, self.input_size
+        resize = f"a bilinear resize from {given}x{given} to {size}x{size} (as in training)" if self.stored_size else ""
         if self.preprocessing_included:
-            return f"uint8 RGB images (N, {size}, {size}, 3), values 0..255; normalization is part of the model"
+            return (f"uint8 RGB images (N, {given}, {given}, 3), values 0..255; "
+                    f"{resize + ' and ' if resize else ''}normalization {'are' if resize else 'is'} part of the model")
         formula = "RGB / 255" if self.mean is None else "(RGB / 255 - mean) / std"
-        return f"float32 (N, 3, {size}, {size}) = {formula}, RGB in 0..255"
+        return (f"float32 (N, 3, {size}, {size}) = {formula}, RGB in 0..255"
+                + (f", after {resize} of the uint8 images" if resize else ""))
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.describe(), indent=indent)
@@ -124,8 +138,8 @@ class ExportMetadata:
     @classmethod
     def from_json(cls, text: str | bytes) -> ExportMetadata:
         """Raises ValueError, KeyError or TypeError (or ExportError) for text that is not our metadata."""
-        data = json.loads(text)
-        return cls(**{f.name: data[f.name] for f in fields(cls)})  # extra (descriptive) keys are ignored
+        data = json.loads(text)  # extra (descriptive) keys are ignored; later fields may be absent (older files)
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING})
 
     @classmethod
     def from_dict(cls, props: Mapping[str, str | bytes]) -> ExportMetadata:
@@ -194,28 +208,37 @@ def normalization_constants(mean: Sequence[float] | None,
             torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
 
 
-def _normalize(images: torch.Tensor, offset: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
-    return (images.permute(0, 3, 1, 2).float() - offset) / divisor
+def _normalize(images: torch.Tensor, offset: torch.Tensor, divisor: torch.Tensor,
+               size: int | None = None) -> torch.Tensor:
+    """What data.BatchTransform does to evaluation batches: NCHW float, resized to `size` when given
+    (bilinear; antialiased only when shrinking), normalized."""
+    x = images.permute(0, 3, 1, 2).float()
+    if size is not None and size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=size < x.shape[-1])
+    return (x - offset) / divisor
 
 
-def preprocess(images: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:
-    """uint8 (N, H, W, 3) → normalized float32 (N, 3, H, W), as in training."""
-    return _normalize(images, *normalization_constants(mean, std))
+def preprocess(images: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None,
+               size: int | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → normalized float32 (N, 3, size, size), as in training."""
+    return _normalize(images, *normalization_constants(mean, std), size)
 
 
 class WithPreprocessing(nn.Module):
     """`model` with the training-time preprocessing in front: takes uint8 RGB images (N, H, W, 3),
-    scales, normalizes and transposes them to NCHW itself, so an exported graph needs no mean/std."""
+    scales, resizes to `size` (when given), normalizes and transposes them to NCHW itself, so an
+    exported graph needs no mean/std."""
 
-    def __init__(self, model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None):
+    def __init__(self, model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None,
+                 size: int | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.size = model, size
         offset, divisor = normalization_constants(mean, std)
         self.register_buffer("offset", offset)
         self.register_buffer("divisor", divisor)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(_normalize(images, self.offset, self.divisor))
+        return self.model(_normalize(images, self.offset, self.divisor, self.size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,8 +261,10 @@ def export_model(model: nn.Module, metadata: ExportMetadata, fmt: str, output: s
         return output
     size = metadata.image_size
     if metadata.preprocessing_included:
-        module: nn.Module = WithPreprocessing(model, metadata.mean, metadata.std).eval()
-        example = torch.randint(0, 256, (EXAMPLE_BATCH, size, size, 3), dtype=torch.uint8)
+        resize = size if metadata.stored_size else None
+        module: nn.Module = WithPreprocessing(model, metadata.mean, metadata.std, resize).eval()
+        given = metadata.input_size
+        example = torch.randint(0, 256, (EXAMPLE_BATCH, given, given, 3), dtype=torch.uint8)
     else:
         module, example = model, torch.rand(EXAMPLE_BATCH, 3, size, size)
     if fmt == "onnx":
@@ -341,7 +366,7 @@ def _export_state_dict(model: nn.Module, output: Path, metadata: ExportMetadata)
 
 class ExportedModel:
     """An exported file ready to predict: `model(images)` takes uint8 RGB images (N, S, S, 3) with
-    S = metadata.image_size (numpy array or tensor) and returns float32 logits (N, classes) on the CPU."""
+    S = metadata.input_size (numpy array or tensor) and returns float32 logits (N, classes) on the CPU."""
 
     def __init__(self, path: Path, fmt: str, metadata: ExportMetadata, run: Callable[[torch.Tensor], torch.Tensor],
                  runtime: str):
@@ -349,9 +374,9 @@ class ExportedModel:
         self._run = run
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        batch = as_image_batch(images, self.metadata.image_size, str(self.path))
+        batch = as_image_batch(images, self.metadata.input_size, str(self.path))
         if not self.metadata.preprocessing_included:
-            batch = preprocess(batch, self.metadata.mean, self.metadata.std)
+            batch = preprocess(batch, self.metadata.mean, self.metadata.std, self.metadata.image_size)
         return self._run(batch).float()
 
     def __repr__(self) -> str:
@@ -552,7 +577,7 @@ def parity_check(exported_path: str | Path, fmt: str, torch_model: nn.Module,
     top-1 class differs (other than between two logits that PyTorch itself puts within tolerance).
     rtol=0 is the fp32 contract (1e-4 absolute); deep nets with large logits may need rtol ~1e-5."""
     exported = load_exported(exported_path, fmt)
-    images = as_image_batch(images_uint8_nhwc, metadata.image_size, "parity_check")
+    images = as_image_batch(images_uint8_nhwc, metadata.input_size, "parity_check")
     reference = reference_logits(torch_model, images, metadata)
     got = torch.cat([exported(chunk) for chunk in images.split(32)])
     if got.shape != reference.shape:
@@ -567,7 +592,7 @@ def parity_check(exported_path: str | Path, fmt: str, torch_model: nn.Module,
 def reference_logits(model: nn.Module, images: torch.Tensor, metadata: ExportMetadata) -> torch.Tensor:
     """The PyTorch model's logits with the preprocessing training and resnet-predict use (data.BatchTransform)."""
     model = _inference_copy(model)
-    transform = BatchTransform(metadata.mean, metadata.std, channels_last=False)
+    transform = BatchTransform(metadata.mean, metadata.std, output_size=metadata.image_size, channels_last=False)
     with torch.inference_mode():
         return torch.cat([model(transform(chunk)) for chunk in images.split(32)])
 
@@ -597,9 +622,10 @@ def metadata_of(trained: TrainedModel, preprocessing_included: bool = True) -> E
     """The export metadata of a trained model (build.model_from_checkpoint: the weights the run
     selected, its EMA weights where it kept and selects them)."""
     norm = trained.checkpoint["normalization"]
-    return ExportMetadata(arch_of(trained.config), trained.config.model.stem, list(trained.classes),
-                          int(norm["image_size"]), norm.get("mean"), norm.get("std"), str(trained.path),
-                          preprocessing_included)
+    size, stored = int(norm["image_size"]), int(norm.get("stored_size") or norm["image_size"])
+    return ExportMetadata(arch_of(trained.config), trained.config.model.stem, list(trained.classes), size,
+                          norm.get("mean"), norm.get("std"), str(trained.path), preprocessing_included,
+                          stored_size=stored if stored != size else None)
 
 
 def random_images(n: int, image_size: int, seed: int = 0) -> np.ndarray:

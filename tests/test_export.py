@@ -538,3 +538,39 @@ def test_resnet_export_errors_are_one_line(trained_run, tmp_path, monkeypatch):
     (hidden / "onnxscript.py").write_text("raise ImportError('hidden')\n")
     no_onnx = Runner(user.cwd, PYTHONPATH=f"{hidden}{os.pathsep}{os.environ['RESNET_TRAIN_TEST_SITE']}")
     assert_one_error(no_onnx("resnet-export", "checkpoint=run", "output=x.onnx"), 'pip install "resnet-train[export]"')
+
+
+def test_a_cifar_model_trained_at_another_size_exports_the_resize(cifar_root, tmp_path):
+    """CIFAR stored at 32px and resized to 64 on the device in training: the exported graph takes the
+    32px images and resizes inside, so resnet-predict gives the checkpoint's answers from either."""
+    from conftest import Runner, assert_ok, write_image_folder
+    user = Runner(tmp_path)
+    (user.cwd / "data").symlink_to(cifar_root)
+    assert_ok(user("resnet-train", "model=resnet20", "epochs=1", "batch_size=64", "dataset.image_size=64",
+                   "dataset.val_size=100", "num_workers=0", "tensorboard.images=false", "hydra.run.dir=run"))
+    result = user("resnet-export", "checkpoint=run")
+    assert_ok(result)
+    assert "uint8 RGB images (N, 32, 32, 3)" in result.stdout and "from 32x32 to 64x64" in result.stdout
+    exported = load_exported(user.cwd / "run" / "model.onnx")
+    assert (exported.metadata.input_size, exported.metadata.image_size) == (32, 64)
+    assert json.loads((user.cwd / "run" / "model.onnx.parity.json").read_text())["passed"]
+    write_image_folder(user.cwd / "photos", {"test": 12}, size=(40, 48))
+    assert_ok(user("resnet-predict", "model=run/model.onnx", "inputs=[photos]", "output=onnx.csv"))
+    assert_ok(user("resnet-predict", "checkpoint=run", "inputs=[photos]", "precision=fp32", "output=ckpt.csv"))
+    for a, b in zip(*((user.cwd / f).read_text().splitlines()[1:] for f in ("onnx.csv", "ckpt.csv"))):
+        fa, fb = a.split(","), b.split(",")
+        assert fa[:2] == fb[:2] and float(fa[2]) == pytest.approx(float(fb[2]), abs=1e-4)
+
+
+def test_the_readme_onnxruntime_example_classifies_an_image(trained_run):
+    """The README's "onnxruntime alone" snippet, as printed, on an exported run and one of its images."""
+    from conftest import assert_ok
+    user = trained_run
+    assert_ok(user("resnet-export", "checkpoint=run", "output=model.onnx"))
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = readme.split("Classify an image with onnxruntime alone")[1].split("```python\n")[1].split("```")[0]
+    photo = next((user.cwd / "pets" / "test").glob("*/*.png"))
+    (user.cwd / "cat.png").write_bytes(photo.read_bytes())
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=user.cwd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in load_exported(user.cwd / "model.onnx").metadata.classes

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchvision.transforms.v2 import functional as TF
 
 from .. import export
 from ..build import TrainedModel, load_data, model_from_checkpoint
@@ -60,11 +59,13 @@ def _check(cfg: DictConfig) -> None:
 
 
 def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
-    """Up to `n` uint8 (N, S, S, 3) images of the run's test (else validation) split at the model's
-    input size, and what they are; generated noise images when the run's data cannot be read."""
-    size = trained.checkpoint["normalization"]["image_size"]
-    try:
-        data = load_data(trained.config, torch.device("cpu"))
+    """Up to `n` uint8 (N, S, S, 3) images of the run's test (else validation) split at the size the
+    run stored them (the exported model's input), and what they are; generated noise images when the
+    run's data cannot be read."""
+    norm = trained.checkpoint["normalization"]
+    size = int(norm.get("stored_size") or norm["image_size"])
+    try:  # (streamed: only the n files are decoded, not the whole folder)
+        data = load_data(trained.config, torch.device("cpu"), loader="stream")
     except UserError:
         return export.random_images(n, size), f"{n} generated images (the run's data is not at hand)"
     for name, loader in (("test", data.test), ("validation", data.val)):
@@ -74,7 +75,5 @@ def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
             images = loader.images[:n]
         else:  # streamed: decode the first files
             images = torch.stack([decode_resized(path, size).permute(1, 2, 0) for path, _ in loader.samples[:n]])
-        if images.shape[1] != size:  # CIFAR kept at 32px for a model that sees another size
-            images = TF.resize(images.permute(0, 3, 1, 2), [size, size], antialias=True).permute(0, 2, 3, 1)
         return images.contiguous().numpy(), f"{len(images)} {name} images of the run"
     return export.random_images(n, size), f"{n} generated images (the run has no test or validation split)"

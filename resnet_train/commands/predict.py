@@ -86,7 +86,7 @@ def exported_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
     from ..export import load_exported
 
     exported = load_exported(cfg.model_file)
-    return exported, exported.metadata.classes, exported.metadata.image_size
+    return exported, exported.metadata.classes, exported.metadata.input_size
 
 
 def write_csv(path: Path, predictions: list[Prediction], topk: int) -> None:
