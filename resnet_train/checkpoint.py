@@ -44,6 +44,18 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise storage_error(path, e) from None
 
 
+def on_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in it copied to the CPU: a checkpoint written on a GPU then loads on a
+    machine without one, also with a plain `torch.load` (no map_location)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_copy(src: Path, dst: Path) -> None:
     def copy(f: BinaryIO) -> None:
         with open(src, "rb") as source:
@@ -220,7 +232,7 @@ class RunCheckpoints:
                                    "lower optim.lr or add scheduler.warmup_epochs")
         rng = gather_rng_states(self.device)
         if self.writer:
-            atomic_save({
+            atomic_save(on_cpu({
                 "model": unwrap(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -229,7 +241,7 @@ class RunCheckpoints:
                 "rng": rng,
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 **self.metadata,
-            }, self.path("last"))
+            }), self.path("last"))
         self.saved = TrainState(**asdict(state))
 
     def last_good(self) -> str:

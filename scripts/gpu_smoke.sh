@@ -49,6 +49,19 @@ timed resnet-train $COMMON epochs=2 precision=fp16 hydra.run.dir=runs/fp16; reco
 timed resnet-eval checkpoint=runs/bf16; record "resnet-eval" $? "" $ELAPSED
 timed resnet-eval checkpoint=runs/fp16 device=cpu; record "resnet-eval of the fp16 run on the CPU" $? "" $ELAPSED
 timed resnet-predict checkpoint=runs/bf16 "inputs=[photos/test]"; record "resnet-predict (24 PNG/JPEG files)" $? "" $ELAPSED
+timed $PYTHON - <<'EOF'
+import torch  # a plain torch.load, as a laptop without a GPU would do it: every tensor must be on the CPU
+ckpt = torch.load("runs/fp16/checkpoints/last.pt", weights_only=True)
+def devices(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj.device.type
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in (obj.values() if isinstance(obj, dict) else obj):
+            yield from devices(v)
+found = set(devices(ckpt))
+assert found == {"cpu"}, found
+EOF
+record "checkpoint tensors all on the CPU" $? "" $ELAPSED
 
 # SIGTERM in the middle of epoch 2, then resume: the run must finish with all epochs
 resnet-train $COMMON epochs=3 checkpoint.every_n_steps=5 hydra.run.dir=runs/stopped > stopped.log 2>&1 &

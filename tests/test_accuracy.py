@@ -202,3 +202,12 @@ def test_ema_and_early_stopping_survive_kill_and_resume(small_cifar_root, tmp_pa
         assert a["state"][field] == b["state"][field], field
     ma, mb = (json.loads(Path(user.cwd / d / "metrics.json").read_text()) for d in ("reference", "killed"))
     assert ma["test_accuracy"] == mb["test_accuracy"] and ma["stopped_early"] == mb["stopped_early"]
+
+
+def test_a_run_stopped_early_says_it_cannot_be_extended(small_cifar_root, run_cli):
+    (run_cli.cwd / "data").symlink_to(small_cifar_root)
+    run = [*FAST, "epochs=4", "early_stopping.patience=1", "early_stopping.min_delta=10", "hydra.run.dir=run"]
+    assert_ok(run_cli("resnet-train", *run))  # (no epoch can improve by 10: it stops after epoch 2)
+    assert metrics_of(run_cli.cwd / "run")["stopped_early"] == 2
+    again = run_cli("resnet-train", "resume=run", "epochs=8")
+    assert again.returncode == 2 and "stopped early after epoch 2" in again.stderr and "epochs=N" not in again.stderr

@@ -116,9 +116,11 @@ def test_summary_cli(run_cli):
 
 
 def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, cifar_root, run_cli):
-    path, state = torchvision_weights
+    shared, state = torchvision_weights
+    path = run_cli.cwd / "backbone.pt"
+    path.write_bytes(shared.read_bytes())
     initial = models.resnet18(num_classes=10, stem="imagenet", pretrained=str(path)).fc.weight.detach().clone()
-    result = run_cli("resnet-train", "model=resnet18", f"model.pretrained={path}", "model.freeze=backbone",
+    result = run_cli("resnet-train", "model=resnet18", "model.pretrained=backbone.pt", "model.freeze=backbone",
                      "dataset.image_size=72", "epochs=1", "batch_size=64", "dataset.val_size=100",
                      "tensorboard.images=false", f"dataset.root={cifar_root}", "hydra.run.dir=probe")
     assert_ok(result)  # model.stem=auto followed the weights (7x7 first convolution: imagenet stem)
@@ -130,6 +132,10 @@ def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, cifar_r
     torch.manual_seed(0)
     assert not torch.equal(ckpt["model"]["fc.weight"], initial)  # the classifier (same seed, same init) trained
     assert len(ckpt["optimizer"]["state"]) == 2  # fc.weight and fc.bias only
+    path.unlink()  # the weights live in the checkpoint now: evaluating or resuming needs no backbone file
+    assert_ok(run_cli("resnet-eval", "checkpoint=probe"))
+    again = run_cli("resnet-train", "resume=probe")
+    assert again.returncode == 2 and "has finished all 1 epochs" in again.stderr
 
 
 def test_imagenet_weights_offline_from_the_torch_home_cache(cifar_root, tmp_path):

@@ -31,7 +31,7 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
     run_cfg = apply_command_line({**ckpt["config"], **MACHINE_KEYS}, compose_train(training_overrides),
                                  compose_train([]), training_overrides, lambda key: not key.startswith("model"),
                                  "the model is fixed by the checkpoint")
-    validate(run_cfg)
+    validate(run_cfg, weights_in_checkpoint=True)
     output = Path(cfg.output) if cfg.output else run_dir_of(checkpoint) / "eval.json"
     check_writable(output)
     trained = model_from_checkpoint(checkpoint, run_cfg.device, run_cfg.precision, run_cfg.channels_last, ckpt)
