@@ -94,7 +94,7 @@ class EpochProgress:
     step: int = 0  # batches done in this epoch
     loss_sum: float = 0.0  # summed over those batches' images
     correct: float = 0.0
-    images: int = 0
+    images: int = 0  # over all processes (a resume may run on another number of them)
     logged_loss_sum: float = 0.0  # loss_sum and images at the last step log (for the windowed loss)
     logged_images: int = 0
     seconds: float = 0.0  # training time spent in this epoch so far
@@ -118,7 +118,8 @@ class _Meter:
         carries = not distributed.active() or torch.distributed.get_rank() == 0
         sums = [start.loss_sum, start.correct] if carries else [0.0, 0.0]
         self.state = torch.tensor([*sums, -1.0], device=device, dtype=torch.float32)
-        self.images = start.images  # this process's images (the same count on every process)
+        world = torch.distributed.get_world_size() if distributed.active() else 1
+        self.images = start.images // world  # this process's images (the same count on every process)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         n = len(labels)
@@ -191,7 +192,7 @@ def train_one_epoch(model: nn.Module, loader: Loader, optimizer: torch.optim.Opt
         """The epoch so far, as a checkpoint keeps it. With several processes every rank's sums
         are the same global ones, so the first process's snapshot serves all on resume."""
         loss_sum, correct = read_finite()
-        return EpochProgress(step, loss_sum, correct, meter.images, logged_sum, logged_images,
+        return EpochProgress(step, loss_sum, correct, meter.total_images, logged_sum, logged_images,
                              time.perf_counter() - clock)
 
     bar = tqdm(total=usable, initial=start.step, desc=desc, unit="batch", leave=False, dynamic_ncols=True,

@@ -171,7 +171,8 @@ class RunLogger:
             grid = make_grid(denormalize(images[:64], self.settings.mean, self.settings.std), nrow=8, padding=2)
             self.writer.add_image("train/augmented_samples", grid, 0)
 
-    def validation(self, step: int, epoch: int, result: Any, model: nn.Module) -> None:
+    def validation(self, step: int, epoch: int, result: Any, model: nn.Module, grad_scale: float = 1.0) -> None:
+        """`grad_scale`: what the last step's gradients are still multiplied by (fp16's loss scale)."""
         s = self.settings
         if s.images and s.confusion_every and epoch % s.confusion_every == 0:
             for name, accuracy in zip(s.classes, result.per_class_accuracy):
@@ -181,7 +182,7 @@ class RunLogger:
             for name, p in model.named_parameters():
                 self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
                 if p.grad is not None:
-                    self.writer.add_histogram(f"gradients/{name}", p.grad.float().cpu(), step)
+                    self.writer.add_histogram(f"gradients/{name}", p.grad.float().cpu() / grad_scale, step)
 
     def test(self, step: int, result: Any) -> None:
         s = self.settings

@@ -1,6 +1,7 @@
 """Several processes, one model: torchrun with gloo on the CPU, the SLURM launcher config, and the
 sharding that makes N processes see exactly what one process sees."""
 
+import signal
 
 import pytest
 import torch
@@ -102,6 +103,27 @@ def test_torchrun_time_budget_times_the_distributed_step(runs):
     assert result.stdout.count("time_budget=45s:") == 1  # (reported by the first process only)
     chosen = torch.load(user.cwd / "budget" / "checkpoints" / "last.pt", weights_only=True)["config"]["epochs"]
     assert isinstance(chosen, int) and chosen >= 1 and metrics_of(user.cwd / "budget")["epochs"] == chosen
+
+
+def test_a_mid_epoch_checkpoint_of_two_processes_resumes_in_one(runs):
+    """Stopped mid-epoch under torchrun (SIGTERM, which torchrun passes on to its processes; they
+    stop together at the next log step), continued by one process: the epoch's statistics still count
+    every image once (the checkpoint keeps the global count, not one process's)."""
+    user, _ = runs
+    proc = user.popen("torchrun", "--standalone", "--nproc_per_node=2", "-m", "resnet_train", *RUN,
+                      "log_every_n_steps=1", "hydra.run.dir=halfway",  # (processes agree to stop at a log step)
+                      env={"RESNET_TRAIN_PAUSE_AT": "train_step@6"})
+    for line in proc.stdout:
+        if line.startswith("paused at"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    state = torch.load(user.cwd / "halfway" / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert state["epoch"] == 0 and state["epoch_progress"]["step"] >= 6  # a mid-epoch checkpoint
+    assert_ok(user("resnet-train", "resume=halfway"))
+    resumed, single = metrics_of(user.cwd / "halfway"), metrics_of(user.cwd / "single")
+    assert resumed["history"][0]["train_images"] == single["history"][0]["train_images"] == 896
+    assert resumed["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"], rel=1e-3)
 
 
 def _local_main_first_worker(rank: int, path: str, port: int) -> None:

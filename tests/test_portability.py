@@ -2,7 +2,6 @@
 on the device that runs, checkpoints from a GPU evaluated on a laptop, resume on other hardware.
 GPUs are mocked only at the device-query seam (resnet_train.device)."""
 
-import shutil
 
 import pytest
 import torch
@@ -171,3 +170,20 @@ def test_a_first_version_run_evaluates_predicts_and_resumes(cifar_root, tmp_path
     stored = torch.load(user.cwd / "v1" / "checkpoints" / "last.pt", weights_only=True)["config"]
     assert stored["augment"]["crop_padding"] == 4 and "augment" not in stored["dataset"]
     assert stored["ema"]["decay"] == 0.0 and metrics_of(user.cwd / "v1")["epochs"] == 2
+
+
+def test_gradient_histograms_show_unscaled_gradients(tmp_path):
+    """Under fp16 the last step's gradients are multiplied by the loss scale; the histogram divides it out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from resnet_train.reporting import ImageSettings, RunLogger
+    model = torch.nn.Linear(3, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 65536.0 * 0.5)
+    logger = RunLogger(tmp_path, "{}", {"lr": 0.1}, epochs=1,
+                       settings=ImageSettings(["a", "b"], None, None, images=False, histograms_every=1))
+    logger.validation(7, 1, None, model, grad_scale=65536.0)
+    logger.flush()
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload()
+    histogram = events.Histograms("gradients/weight")[0].histogram_value
+    assert histogram.min == histogram.max == 0.5
