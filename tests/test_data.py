@@ -212,3 +212,13 @@ def test_folder_without_test_split_and_without_normalization(tmp_path, train_in_
     data = build_data("image_folder", str(root), **common(normalize=False, val_size=0, batch_size=8))
     x, _ = next(iter(data.train))
     assert 0 <= x.min() and x.max() <= 1
+
+
+def test_channel_stats_are_exact_over_chunks():
+    """Integer sums chunk by chunk (no float64 copy of the set) give the float64 statistics."""
+    from resnet_train.data import channel_stats
+    images = torch.randint(0, 256, (1000, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = channel_stats(images, chunk=300)
+    reference = images.reshape(-1, 3).double() / 255
+    assert mean == pytest.approx(reference.mean(0).tolist(), abs=1e-12)
+    assert std == pytest.approx(reference.std(0).tolist(), abs=1e-12)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.error
 from collections import Counter
 from dataclasses import dataclass
@@ -194,9 +195,18 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     return mask.nonzero().squeeze(1), val.sort().values
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0..1 scale) of uint8 NHWC images."""
-    x = images.reshape(-1, images.shape[-1]).double() / 255
-    return x.mean(0).tolist(), x.std(0).tolist()
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 scale, unbiased) of uint8 NHWC images, from exact integer sums
+    over chunks: no float64 copy of the whole set (8x its size), no float64 on any device."""
+    channels = images.shape[-1]
+    total, squares = [0] * channels, [0] * channels
+    for part in images.split(chunk):
+        x = part.reshape(-1, channels).long()
+        total = [a + b for a, b in zip(total, x.sum(0).tolist())]
+        squares = [a + b for a, b in zip(squares, (x * x).sum(0).tolist())]
+    n = images[..., 0].numel()
+    mean = [s / n / 255 for s in total]
+    std = [math.sqrt(max(q - s * s / n, 0) / max(n - 1, 1)) / 255 for s, q in zip(total, squares)]
+    return mean, std
 
 
