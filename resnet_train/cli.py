@@ -68,9 +68,13 @@ def as_job(fn: Callable[..., Any], cfg: DictConfig, *args: Any) -> Any:
     """A command's body inside Hydra: running out of device memory becomes a user error (it fails
     this job of a sweep, not the sweep). A sweep job's user error goes to its log and on to Hydra,
     which records the job as failed; a single run's passes Hydra by (`Refused`) to run_command."""
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         try:
             return fn(cfg, *args)
+        except OmegaConfBaseException as e:  # a config it cannot read: one line, not Hydra's job report
+            raise hydra_error(e) from None
         except RuntimeError as e:  # torch.OutOfMemoryError is one, as are MPS's and the CPU allocator's
             if not any(s in str(e) for s in ("out of memory", "can't allocate memory")):
                 raise
