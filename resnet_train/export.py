@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import io
 import json
+import logging
 import warnings
 import zipfile
 from dataclasses import MISSING, asdict, dataclass, fields, replace
@@ -313,7 +315,7 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, output: Path, metadat
         raise ExportError(f"opset={opset} is not supported here: choose {MIN_OPSET}..{newest} "
                           f"(default {DEFAULT_OPSET}, the exporter's own; higher ones are converted from it)")
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
+    with torch.no_grad(), _onnx_quietly():
         program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset, verbose=False,
                                     input_names=["images" if metadata.preprocessing_included else "inputs"],
                                     output_names=["logits"], dynamic_shapes=({0: batch},))
@@ -326,6 +328,22 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, output: Path, metadat
     proto.doc_string = (f"resnet-train {metadata.arch}: {metadata.input_description()} -> logits for "
                         f"{len(metadata.classes)} classes; metadata_props['{METADATA_KEY}'] has the details")
     atomic_write(output, lambda f: f.write(proto.SerializeToString()))
+
+
+@contextlib.contextmanager
+def _onnx_quietly() -> Iterator[None]:
+    """onnxscript's optimizer logs ~30 INFO lines of its own work ("Replaced initializer ...") and the
+    exporter prints its progress; a user needs neither (errors still raise)."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -564,8 +582,8 @@ class ParityReport:
 class ParityError(ExportError):
     """The exported file does not give the PyTorch model's logits; `.report` has the numbers."""
 
-    def __init__(self, report: ParityReport):
-        super().__init__(report.format())
+    def __init__(self, report: ParityReport, note: str = ""):
+        super().__init__(report.format() + note)
         self.report = report
 
 

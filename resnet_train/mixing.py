@@ -41,7 +41,9 @@ class Mixer:
 
     def __init__(self, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
                  switch_prob: float = 0.5, seed: int = 0):
-        self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob = mixup_alpha, cutmix_alpha, prob, switch_prob
+        # (floats: `mix.cutmix_alpha=1` arrives as an int, and the Beta draw takes floating tensors only)
+        self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
+        self.prob, self.switch_prob = float(prob), float(switch_prob)
         self.seed, self.generator = seed, torch.Generator()
 
     @property

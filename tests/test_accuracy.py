@@ -28,7 +28,7 @@ SETTINGS = {
     "erasing": ["augment.erasing=0.5"],
     "resized crop + jitter": ["augment=resized_crop"],
     "mixup": ["mix.mixup_alpha=0.2"],
-    "cutmix": ["mix.cutmix_alpha=1.0"],
+    "cutmix": ["mix.cutmix_alpha=1"],  # (an int, as users type it)
     "ema + tta": ["ema.decay=0.9", "tta=flip_translate"],
     "clip + accumulate": ["grad_clip_norm=1.0", "accumulate_grad_batches=2", "optim.lr=0.2"],
     "early stopping": ["early_stopping.patience=1", "epochs=4"],

@@ -574,3 +574,16 @@ def test_the_readme_onnxruntime_example_classifies_an_image(trained_run):
     result = subprocess.run([sys.executable, "-c", snippet], cwd=user.cwd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() in load_exported(user.cwd / "model.onnx").metadata.classes
+
+
+def test_an_export_failing_parity_leaves_the_earlier_file_alone(trained_run):
+    from conftest import assert_ok, assert_one_error
+    user = trained_run
+    assert_ok(user("resnet-export", "checkpoint=run", "format=torchscript", "output=keep.ts"))
+    good = (user.cwd / "keep.ts").read_bytes()
+    failing = user("resnet-export", "checkpoint=run", "format=torchscript", "output=keep.ts", "atol=1e-12")
+    assert_one_error(failing, "keep.failed.ts", "FAILED", "keep.ts was left as it was")
+    assert (user.cwd / "keep.ts").read_bytes() == good
+    assert json.loads((user.cwd / "keep.ts.parity.json").read_text())["passed"]
+    assert not json.loads((user.cwd / "keep.failed.ts.parity.json").read_text())["passed"]
+    assert not [p for p in user.cwd.iterdir() if p.name.startswith(".keep.ts")]  # no staging left behind

@@ -3,6 +3,10 @@ checkpoint on the run's own images (or generated ones when its data is not at ha
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +31,25 @@ def export_command(cfg: DictConfig) -> Path:
     output = Path(cfg.output) if cfg.output else run_dir_of(trained.path) / DEFAULT_NAMES[cfg.format]
     check_writable(output)
     metadata = export.metadata_of(trained, cfg.include_preprocessing and cfg.format != "state_dict")
-    path = export.export_model(trained.model, metadata, cfg.format, output,
-                               include_preprocessing=cfg.include_preprocessing, opset=cfg.opset)
     images, source = parity_images(trained, cfg.parity_images)
+    # Exported beside the output under a temporary name and moved into place only once it passed:
+    # a failing export never replaces a good file, and a failed one is kept apart for a look.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        report = export.parity_check(path, cfg.format, trained.model, images, metadata, cfg.atol, cfg.rtol)
-    except export.ParityError as e:
-        e.report.save(export.parity_report_path(path))
-        raise
+        staged = export.export_model(trained.model, metadata, cfg.format, staging / output.name,
+                                     include_preprocessing=cfg.include_preprocessing, opset=cfg.opset)
+        try:
+            report = export.parity_check(staged, cfg.format, trained.model, images, metadata, cfg.atol, cfg.rtol)
+        except export.ParityError as e:
+            failed = _move_export(staged, output.with_name(f"{output.stem}.failed{output.suffix}"), cfg.format)
+            report = replace(e.report, file=str(failed))
+            report.save(export.parity_report_path(failed))
+            kept = f"; {output} was left as it was" if output.exists() else ""
+            raise export.ParityError(report, kept) from None
+        path = _move_export(staged, output, cfg.format)
+        report = replace(report, file=str(path))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     report.save(export.parity_report_path(path))
     weights = "EMA weights" if trained.uses_ema else "weights"
     print(f"exported the {weights} of {trained.path} ({metadata.arch}, {len(metadata.classes)} classes, "
@@ -44,6 +59,14 @@ def export_command(cfg: DictConfig) -> Path:
     print(f"wrote {path}, {export.parity_report_path(path)}"
           + (f", {export.metadata_path(path)}" if cfg.format == "state_dict" else ""))
     return path
+
+
+def _move_export(staged: Path, destination: Path, fmt: str) -> Path:
+    """Move an exported file (and a state dict's metadata beside it) to `destination`."""
+    if fmt == "state_dict":
+        os.replace(export.metadata_path(staged), export.metadata_path(destination))
+    os.replace(staged, destination)
+    return destination
 
 
 def _check(cfg: DictConfig) -> None:
