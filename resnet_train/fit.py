@@ -178,8 +178,7 @@ def _end_epoch(model: nn.Module, data: Data, loop: Loop, state: TrainState, epoc
            "images_per_second": train.images_per_second, "train_seconds": train.seconds,
            "epoch_seconds": train.seconds + sum(v.seconds for v in (val, val_ema) if v is not None), "is_best": is_best}
     state.history.append(row)
-    if epoch < epochs:
-        _early_stopping(loop.early_stopping, state, chosen, epoch)
+    _early_stopping(loop.early_stopping, state, chosen, epoch, last=epoch == epochs)
     loop.logger.epoch(state.global_step, row)  # TensorBoard (flushed) and the console line
     save_last()
     if is_best:
@@ -194,9 +193,11 @@ def _eval_row(name: str, result: EvalResult | None) -> dict:
             f"{name}_images": result.images if result else 0}
 
 
-def _early_stopping(rule: EarlyStopping, state: TrainState, result: EvalResult | None, epoch: int) -> None:
+def _early_stopping(rule: EarlyStopping, state: TrainState, result: EvalResult | None, epoch: int,
+                    last: bool = False) -> None:
     """Count the epochs since the metric last improved by more than min_delta; stop after
-    `patience` of them (not before min_epochs). The count lives in TrainState: resuming keeps it."""
+    `patience` of them (not before min_epochs). The count lives in TrainState: resuming keeps it,
+    also after the `last` epoch (which ends the run anyway), should the run be trained longer."""
     if not rule.patience or result is None:
         return
     value = result.accuracy if rule.metric == "val_accuracy" else -result.loss  # higher is better
@@ -204,7 +205,7 @@ def _early_stopping(rule: EarlyStopping, state: TrainState, result: EvalResult |
         state.early_best, state.early_bad_epochs = value, 0
     else:
         state.early_bad_epochs += 1
-    if state.early_bad_epochs >= rule.patience and epoch >= rule.min_epochs:
+    if state.early_bad_epochs >= rule.patience and epoch >= rule.min_epochs and not last:
         state.stopped_early = epoch
 
 

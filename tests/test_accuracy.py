@@ -211,3 +211,14 @@ def test_a_run_stopped_early_says_it_cannot_be_extended(small_cifar_root, run_cl
     assert metrics_of(run_cli.cwd / "run")["stopped_early"] == 2
     again = run_cli("resnet-train", "resume=run", "epochs=8")
     assert again.returncode == 2 and "stopped early after epoch 2" in again.stderr and "epochs=N" not in again.stderr
+
+
+def test_a_finished_run_trained_longer_keeps_its_early_stopping_count(small_cifar_root, run_cli):
+    """Patience 3, nothing can improve after epoch 1: an uninterrupted run stops after epoch 4; so does
+    a 3-epoch run resumed with epochs=6 (its last epoch counted too)."""
+    (run_cli.cwd / "data").symlink_to(small_cifar_root)
+    rule = ["early_stopping.patience=3", "early_stopping.min_delta=10"]
+    run = [a for a in FAST if not a.startswith("epochs")]
+    assert_ok(run_cli("resnet-train", *run, *rule, "epochs=3", "hydra.run.dir=run"))
+    assert_ok(run_cli("resnet-train", "resume=run", "epochs=6"))
+    assert metrics_of(run_cli.cwd / "run")["stopped_early"] == 4
