@@ -524,13 +524,16 @@ def test_resnet_export_checks_parity_on_the_runs_images_and_predicts_like_the_ch
 
 
 def test_resnet_export_errors_are_one_line(trained_run, tmp_path, monkeypatch):
-    from conftest import Runner, assert_one_error
+    from conftest import Runner, assert_ok, assert_one_error
     user = trained_run
     assert_one_error(user("resnet-export", "checkpoint=run", "format=tflite"), "format='tflite' is invalid")
     assert_one_error(user("resnet-export", "checkpoint=nowhere"), "no checkpoint at nowhere")
     (user.cwd / "junk.onnx").write_bytes(b"not onnx")
     assert_one_error(user("resnet-predict", "model=junk.onnx", "inputs=[pets/test]"), "junk.onnx")
     assert_one_error(user("resnet-predict", "inputs=[pets/test]"), "give checkpoint=")
+    assert_ok(user("resnet-export", "checkpoint=run", "format=torchscript", "output=errors.ts"))
+    assert_one_error(user("resnet-predict", "model=errors.ts", "inputs=[pets/test]", "device=cuda:7"),
+                     "device=cuda:7", "apply to checkpoint=")
     # without the export extra: one line naming the pip command (onnx hidden from the subprocess)
     hidden = tmp_path / "hide"
     hidden.mkdir()

@@ -95,7 +95,8 @@ def test_a_gpu_checkpoint_evaluates_and_predicts_on_a_cpu(gpu_checkpoint):
     assert_ok(evaluated)
     assert "on cpu, precision bf16" in evaluated.stdout or "on cpu, precision fp32" in evaluated.stdout
     predicted = user("resnet-predict", "checkpoint=t4", f"inputs=[{user.cwd / 't4' / 'train.log'}]")
-    assert predicted.returncode == 1 and "Traceback" not in predicted.stderr  # (a log file is not an image)
+    assert predicted.returncode == 2 and "Traceback" not in predicted.stderr  # (a log file is not an image)
+    assert "none of the 1 file(s) could be read as an image" in predicted.stderr
 
 
 def test_a_gpu_run_resumes_on_a_cpu(gpu_checkpoint):

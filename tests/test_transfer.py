@@ -203,4 +203,10 @@ def test_predict_reports_and_skips_unreadable_files(folder_run, run_cli):
         assert name in result.stderr
     assert "Traceback" not in result.stderr
     assert len(list(csv.DictReader((run_cli.cwd / "p.csv").open()))) == 1
-    assert_one_error(run_cli("resnet-predict", "checkpoint=.", "inputs=[x.png]"), "no checkpoint at")
+    assert_one_error(run_cli("resnet-predict", "checkpoint=.", f"inputs=[{image}]"), "no checkpoint at")
+    before = (run_cli.cwd / "p.csv").read_text()
+    assert_one_error(run_cli("resnet-predict", f"checkpoint={run_dir}", "inputs=[missing.jpg]", "output=p.csv"),
+                     "no files found", "missing.jpg: no such file")  # (before the model is loaded)
+    nothing = run_cli("resnet-predict", f"checkpoint={run_dir}", "inputs=[notes.txt,broken.png]", "output=p.csv")
+    assert nothing.returncode == 2 and "error: none of the 2 file(s) could be read" in nothing.stderr
+    assert (run_cli.cwd / "p.csv").read_text() == before  # the earlier predictions are kept

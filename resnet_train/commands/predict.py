@@ -106,11 +106,20 @@ def predict(cfg: DictConfig) -> int:
             raise ConfigError(f"{key}={cfg[key]!r} is invalid: expected a positive integer")
     if (cfg.checkpoint is None) == (cfg.model_file is None):
         raise ConfigError("give checkpoint=<run dir or .pt> or model=<exported .onnx/.ts/.pt file>, one of them")
+    if cfg.model_file is not None and (cfg.device not in ("auto", "cpu") or cfg.precision not in ("auto", "fp32")):
+        raise ConfigError(f"device={cfg.device} precision={cfg.precision}: an exported model runs on the CPU in fp32 "
+                          "here (onnxruntime or torch); device= and precision= apply to checkpoint=")
     check_writable(Path(cfg.output))
-    score, classes, decode_size = checkpoint_scorer(cfg) if cfg.checkpoint is not None else exported_scorer(cfg)
     files, skipped = collect_files(inputs)
+    if not files:
+        raise ConfigError(f"inputs={inputs}: no files found" + "".join(f"; {i}: {why}" for i, why in skipped))
+    score, classes, decode_size = checkpoint_scorer(cfg) if cfg.checkpoint is not None else exported_scorer(cfg)
     predictions, unreadable = predict_files(score, files, classes, decode_size, cfg.batch_size, cfg.topk)
     skipped += unreadable
+    if not predictions:
+        for item, reason in skipped:
+            print(f"skipped {item}: {reason}", file=sys.stderr)
+        raise DataError(f"none of the {len(files)} file(s) could be read as an image; {cfg.output} not written")
     width = max((len(str(p.path)) for p in predictions), default=10)
     for p in predictions:
         print(f"{str(p.path):<{width}}  " + "  ".join(f"{c} {pr:.3f}" for c, pr in zip(p.classes, p.probabilities)))
