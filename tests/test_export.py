@@ -590,3 +590,17 @@ def test_an_export_failing_parity_leaves_the_earlier_file_alone(trained_run):
     assert json.loads((user.cwd / "keep.ts.parity.json").read_text())["passed"]
     assert not json.loads((user.cwd / "keep.failed.ts.parity.json").read_text())["passed"]
     assert not [p for p in user.cwd.iterdir() if p.name.startswith(".keep.ts")]  # no staging left behind
+
+
+def test_resnet_eval_picks_raw_or_ema_weights_when_asked(trained_run, tmp_path):
+    from conftest import Runner, assert_ok, assert_one_error, write_image_folder
+    user = trained_run
+    assert_ok(user("resnet-eval", "checkpoint=run", "output=ema.json"))
+    assert_ok(user("resnet-eval", "checkpoint=run", "ema.evaluate=false", "output=raw.json"))
+    ema, raw = (json.loads((user.cwd / f).read_text()) for f in ("ema.json", "raw.json"))
+    assert (ema["weights"], raw["weights"]) == ("ema", "model") and ema["loss"] != raw["loss"]
+    other = Runner(tmp_path)
+    write_image_folder(other.cwd / "pets", {"train": 64, "test": 16}, num_classes=4)
+    assert_ok(other("resnet-train", "model=resnet20", "epochs=1", "batch_size=32", "num_workers=0",
+                    "dataset=image_folder", "dataset.root=pets", "tensorboard.images=false", "hydra.run.dir=plain"))
+    assert_one_error(other("resnet-eval", "checkpoint=plain", "ema.evaluate=true"), "kept no EMA weights")

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from ..build import load_data, model_from_checkpoint
 from ..checkpoint import check_classes, load_checkpoint
-from ..config import apply_command_line, compose_train, validate
+from ..config import apply_command_line, compose_train, override_key, validate
 from ..device import describe
 from ..engine import evaluate
 from ..errors import ConfigError, DataError
@@ -32,6 +32,10 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
                                  compose_train([]), training_overrides, lambda key: not key.startswith("model"),
                                  "the model is fixed by the checkpoint")
     validate(run_cfg, weights_in_checkpoint=True)
+    if any(override_key(o) == "ema.evaluate" for o in training_overrides):  # which weights: raw or EMA
+        if run_cfg.ema.evaluate and "ema" not in ckpt:
+            raise ConfigError(f"ema.evaluate=true: {checkpoint} kept no EMA weights (its run had ema.decay=0)")
+        ckpt["config"]["ema"]["evaluate"] = bool(run_cfg.ema.evaluate)
     output = Path(cfg.output) if cfg.output else run_dir_of(checkpoint) / "eval.json"
     check_writable(output)
     trained = model_from_checkpoint(checkpoint, run_cfg.device, run_cfg.precision, run_cfg.channels_last, ckpt)
