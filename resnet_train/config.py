@@ -229,13 +229,15 @@ def validate(cfg: DictConfig, weights_in_checkpoint: bool = False) -> None:
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
         if not key.test(value):
-            raise ConfigError(f"{path}={value!r} is invalid: expected {key.expected}")
+            shown = "null" if value is None else repr(value)  # (as it is typed on the command line)
+            raise ConfigError(f"{path}={shown} is invalid: expected {key.expected}")
     for group in OPEN_GROUPS:  # arguments without a rule still must be numbers, booleans or lists of them
         for name, value in cfg[group].items():
             items = value if OmegaConf.is_list(value) else [value]
             if not name.startswith("_") and not all(is_number(v) or isinstance(v, bool) for v in items):
                 raise ConfigError(f"{group}.{name}={value!r} is invalid: expected a finite number")
     check_model_options(cfg, weights_in_checkpoint)
+    check_augment_sizes(cfg)
     if cfg.epochs == "auto" and cfg.time_budget is None:
         raise ConfigError("epochs=auto needs time_budget: time_budget=10m epochs=auto trains as many epochs as "
                           "fit in 10 minutes")
@@ -282,6 +284,15 @@ def check_model_options(cfg: DictConfig, weights_in_checkpoint: bool = False) ->
     if pretrained == "imagenet" and cfg.model.stem == "cifar":
         raise ConfigError("model.pretrained=imagenet was trained with the imagenet stem (7x7 conv + max-pool); "
                           "leave model.stem=auto or set model.stem=imagenet")
+
+
+def check_augment_sizes(cfg: DictConfig) -> None:
+    """Crop padding and the Cutout square against the images they apply to (CIFAR's are stored at
+    32px and augmented there, whatever size the model sees)."""
+    stored = 32 if cfg.dataset.name in ("cifar10", "cifar100") else cfg.dataset.image_size
+    for key in ("crop_padding", "cutout"):
+        if cfg.augment[key] > stored:
+            raise ConfigError(f"augment.{key}={cfg.augment[key]} is larger than the {stored}px images it applies to")
 
 
 def stem_of(cfg: DictConfig) -> str:

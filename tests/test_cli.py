@@ -189,6 +189,10 @@ BAD_INPUTS = [
     (["model=resnet20", "model.pretrained=imagenet"], ["ImageNet weights for resnet18..152"]),
     (["model.pretrained=no/such/file.pth"], ["model.pretrained=no/such/file.pth: no such file"]),
     (["optim.lr=["], ["optim.lr=["]),
+    (["augment.crop_padding=100000"], ["augment.crop_padding=100000 is larger than the 32px images"]),
+    (["augment.cutout=33"], ["augment.cutout=33 is larger than the 32px images"]),
+    (["tta=null"], ["tta=null is invalid"]),
+    (["mix.cutmix_alpha=-1"], ["mix.cutmix_alpha=-1 is invalid"]),
 ]
 
 
