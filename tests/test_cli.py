@@ -209,6 +209,17 @@ def test_missing_dataset_says_where_it_looked_and_leaves_no_run_dir(run_cli):
     assert not list((run_cli.cwd / "outputs").glob("*/*"))  # the run dir it made is gone again
 
 
+def test_a_refusal_that_needs_the_data_leaves_the_run_dir_free(small_cifar_root, run_cli):
+    """accumulate_grad_batches larger than an epoch's batches is known once the data is read: the
+    corrected command then runs in the same dir."""
+    (run_cli.cwd / "data").symlink_to(small_cifar_root)
+    run = ["model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=40", "tensorboard.images=false",
+           "hydra.run.dir=run"]
+    assert_one_error(run_cli("resnet-train", *run, "accumulate_grad_batches=1000"), "needs that many batches")
+    assert not (run_cli.cwd / "run").exists()
+    assert_ok(run_cli("resnet-train", *run, "accumulate_grad_batches=2"))
+
+
 def test_cifar_integrity_check_runs_for_real(cifar_root, run_cli):
     data = run_cli.cwd / "data"
     data.mkdir()

@@ -73,9 +73,6 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
     if cfg.epochs == "auto":
         cfg.epochs = _epochs_for_budget(cfg, model, data, precision, device, started_at)
     steps_per_epoch = len(data.train) // cfg.accumulate_grad_batches
-    if steps_per_epoch < 1:
-        raise ConfigError(f"accumulate_grad_batches={cfg.accumulate_grad_batches} needs that many batches an epoch; "
-                          f"the training split has {len(data.train)}")
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, steps_per_epoch, device)
     scaler, settings = precision.grad_scaler(), step_settings(cfg, model)
     if cfg.accumulate_grad_batches > 1:
@@ -128,6 +125,13 @@ def _data_and_model(cfg: DictConfig, ckpt: dict | None, device: torch.device, ru
         data = load_data(cfg, device, Shard(world.rank, world.world_size))
         log.info(f"Data: {cfg.dataset.name}, {data.train.num_images:,} training images in {data.storage}, "
                  f"{len(data.classes)} classes; validation on {data.val_source}")
+        if len(data.train) < cfg.accumulate_grad_batches:
+            raise ConfigError(f"accumulate_grad_batches={cfg.accumulate_grad_batches} needs that many batches an "
+                              f"epoch; the training split has {len(data.train)}")
+        if len(data.train) % cfg.accumulate_grad_batches:
+            log.info(f"accumulate_grad_batches={cfg.accumulate_grad_batches}: the last "
+                     f"{len(data.train) % cfg.accumulate_grad_batches} batch(es) of each epoch are left out "
+                     "(an incomplete optimizer step)")
         if ckpt is not None:
             check_classes(ckpt["classes"], data.classes, cfg.resume)
         model = build_model(cfg, len(data.classes), device, load_pretrained=ckpt is None)
