@@ -66,6 +66,11 @@ def atomic_copy(src: Path, dst: Path) -> None:
 def read_torch_file(path: Path) -> Any:
     """torch.load with weights_only=True (tensors and plain data, never arbitrary objects); a file
     that cannot be read raises CheckpointError with the first line of the reason."""
+    with open(path, "rb") as f:
+        start = f.read(16)
+    if not start.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive (torch.save) or a legacy pickle
+        what = f"it begins with {start.decode('ascii', 'replace').splitlines()[0]!r}" if start.strip() else "it is empty"
+        raise CheckpointError(f"{path} is not a torch file ({what})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

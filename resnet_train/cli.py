@@ -47,7 +47,7 @@ def run_command(command: Callable[[], Any]) -> Any:
     except Refused as refused:
         _exit(str(refused.error), refused.error.exit_code)
     except UserError as e:
-        prefix = "a sweep job failed (the others ran; see the summary above): " if sweep.swept_keys() else ""
+        prefix = "a sweep job failed (every job ran; see the summary above): " if sweep.swept_keys() else ""
         _exit(f"{prefix}{e}", e.exit_code)
     except (HydraException, OmegaConfBaseException) as e:
         _exit(str(hydra_error(e)), 2)

@@ -211,9 +211,10 @@ RESUMABLE = frozenset(k for k, v in KEYS.items() if v.resumable)
 _ABSENT = object()
 
 
-def validate(cfg: DictConfig, weights_in_checkpoint: bool = False) -> None:
+def validate(cfg: DictConfig, of_stored_run: bool = False) -> None:
     """Raise ConfigError naming the first key that is unknown, missing, mistyped or out of range.
-    `weights_in_checkpoint`: a resumed or evaluated run, whose model.pretrained file is not needed."""
+    `of_stored_run`: a resumed or evaluated run: its model.pretrained file is not needed, and its
+    stored config (validated once merged) may hold what the command line leaves out (time_budget)."""
     for path, value in leaves(cfg).items():
         if path not in KEYS and path.split(".")[0] not in OPEN_GROUPS:
             raise ConfigError(unknown_key_message(path, value))
@@ -236,9 +237,9 @@ def validate(cfg: DictConfig, weights_in_checkpoint: bool = False) -> None:
             items = value if OmegaConf.is_list(value) else [value]
             if not name.startswith("_") and not all(is_number(v) or isinstance(v, bool) for v in items):
                 raise ConfigError(f"{group}.{name}={value!r} is invalid: expected a finite number")
-    check_model_options(cfg, weights_in_checkpoint)
+    check_model_options(cfg, of_stored_run)
     check_augment_sizes(cfg)
-    if cfg.epochs == "auto" and cfg.time_budget is None:
+    if cfg.epochs == "auto" and cfg.time_budget is None and not of_stored_run:
         raise ConfigError("epochs=auto needs time_budget: time_budget=10m epochs=auto trains as many epochs as "
                           "fit in 10 minutes")
 
@@ -270,7 +271,7 @@ def arch_of(cfg: DictConfig | dict) -> str:
     return cfg["model"]["_target_"].rsplit(".", 1)[-1]
 
 
-def check_model_options(cfg: DictConfig, weights_in_checkpoint: bool = False) -> None:
+def check_model_options(cfg: DictConfig, of_stored_run: bool = False) -> None:
     """What the model's family allows: ImageNet weights and a layer4 exist for resnet18..152 only."""
     arch = arch_of(cfg)
     if arch in CIFAR_FAMILY and cfg.model.freeze == "layer4":
@@ -279,7 +280,7 @@ def check_model_options(cfg: DictConfig, weights_in_checkpoint: bool = False) ->
     if pretrained == "imagenet" and arch in CIFAR_FAMILY:
         raise ConfigError(f"model.pretrained=imagenet: torchvision has ImageNet weights for resnet18..152, not {arch}")
     missing = pretrained not in (None, "imagenet") and not Path(pretrained).expanduser().is_file()
-    if missing and not weights_in_checkpoint:
+    if missing and not of_stored_run:
         raise ConfigError(f"model.pretrained={pretrained}: no such file (expected imagenet or a state dict file)")
     if pretrained == "imagenet" and cfg.model.stem == "cifar":
         raise ConfigError("model.pretrained=imagenet was trained with the imagenet stem (7x7 conv + max-pool); "

@@ -49,10 +49,10 @@ from torch import nn
 
 from . import __version__
 from .build import TrainedModel
-from .checkpoint import atomic_save, unwrap
+from .checkpoint import atomic_save, check_model_state, unwrap
 from .config import arch_of
 from .data import BatchTransform
-from .errors import ExportError
+from .errors import CheckpointError, ExportError
 from .files import atomic_write, storage_error
 from .models import ARCHITECTURES, IMAGENET_FAMILY
 
@@ -482,11 +482,12 @@ def _open_state_dict(path: Path) -> ExportedModel:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{sidecar}: unreadable resnet-train metadata ({_first_line(e)})") from None
     model, runtime = state_dict_model(metadata)
+    state = read_state_dict(path)
     try:
-        model.load_state_dict(read_state_dict(path), strict=True)
-    except RuntimeError as e:
-        raise ExportError(f"{path} does not fit {metadata.arch} with {len(metadata.classes)} classes: "
-                          f"{_first_line(e)}") from None
+        check_model_state(model, state, str(path))  # (names the first key or shape that differs)
+    except CheckpointError as e:
+        raise ExportError(f"{e} ({metadata.arch} with {len(metadata.classes)} classes, as its metadata says)") from None
+    model.load_state_dict(state, strict=True)
     return ExportedModel(path, "state_dict", metadata, _torch_runner(model.eval()), runtime)
 
 

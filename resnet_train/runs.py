@@ -206,7 +206,7 @@ def plan_run(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict | 
     that needs no data: the config's values, the resume command line against the run's own
     config, the device and precision, the optimizer's and schedule's arguments. Refusals come
     before a dataset is read or a run dir is touched."""
-    validate(cfg, weights_in_checkpoint=bool(cfg.resume))  # (before torch is imported: answers at once)
+    validate(cfg, of_stored_run=bool(cfg.resume))  # (before torch is imported: answers at once)
     from .build import check_buildable, check_weights_fit, pick_device_and_precision
     from .checkpoint import load_checkpoint
 
@@ -219,7 +219,7 @@ def plan_run(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict | 
         resumed = apply_command_line(ckpt["config"], OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
                                      compose_train([]), overrides, RESUMABLE.__contains__, RESUME_REFUSAL)
         resumed.resume = cfg.resume
-        validate(resumed, weights_in_checkpoint=True)
+        validate(resumed, of_stored_run=True)
         cfg = resumed
     processes = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
     if cfg.batch_size % processes:

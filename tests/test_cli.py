@@ -252,7 +252,9 @@ def test_an_existing_run_is_never_overwritten(cifar_run):
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "no checkpoint at"), (b"garbage", "not a readable checkpoint"), ("tensor", "not a resnet-train checkpoint"),
+    (None, "no checkpoint at"), (b"garbage", "is not a torch file (it begins with 'garbage')"),
+    (b"", "is not a torch file (it is empty)"), (b"PK\x03\x04garbage", "not a readable checkpoint (truncated"),
+    ("tensor", "not a resnet-train checkpoint"),
 ])
 def test_eval_rejects_bad_checkpoints(run_cli, content, message):
     path = run_cli.cwd / "model.pt"

@@ -50,7 +50,7 @@ def test_pretrained_mismatches_and_offline_imagenet_are_clear(torchvision_weight
     with pytest.raises(ModelError, match="do not fit this model"):
         models.resnet34(stem="imagenet", pretrained=str(path))
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ModelError, match="model.pretrained: .*junk.pth is not a readable checkpoint"):
+    with pytest.raises(ModelError, match="model.pretrained: .*junk.pth is not a torch file"):
         models.resnet18(stem="imagenet", pretrained=str(tmp_path / "junk.pth"))
     with pytest.raises(ModelError, match="no ImageNet weights for resnet20"):
         models.resnet20(pretrained="imagenet")

@@ -31,7 +31,7 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
     run_cfg = apply_command_line({**ckpt["config"], **MACHINE_KEYS}, compose_train(training_overrides),
                                  compose_train([]), training_overrides, lambda key: not key.startswith("model"),
                                  "the model is fixed by the checkpoint")
-    validate(run_cfg, weights_in_checkpoint=True)
+    validate(run_cfg, of_stored_run=True)
     if any(override_key(o) == "ema.evaluate" for o in training_overrides):  # which weights: raw or EMA
         if run_cfg.ema.evaluate and "ema" not in ckpt:
             raise ConfigError(f"ema.evaluate=true: {checkpoint} kept no EMA weights (its run had ema.decay=0)")
