@@ -69,7 +69,7 @@ def read_torch_file(path: Path) -> Any:
     with open(path, "rb") as f:
         start = f.read(16)
     if not start.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive (torch.save) or a legacy pickle
-        what = f"it begins with {start.decode('ascii', 'replace').splitlines()[0]!r}" if start.strip() else "it is empty"
+        what = f"it begins with {start.decode('latin-1')!r}" if start else "it is empty"
         raise CheckpointError(f"{path} is not a torch file ({what})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

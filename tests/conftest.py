@@ -208,7 +208,8 @@ class Runner:
                               text=True, timeout=timeout)
 
     def popen(self, name: str, *args: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([script(name), *map(str, args)], cwd=self.cwd, env={**self.env, **kwargs.pop("env", {})},
+        env = {**self.env, **kwargs.pop("env", {})}
+        return subprocess.Popen([script(name), *map(str, args)], cwd=self.cwd, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

@@ -44,7 +44,8 @@ def test_each_setting_trains_above_chance(cifar_root, train_in_process, tmp_path
     assert all(row["val_top5_accuracy"] >= row["val_accuracy"] for row in history)
     if name == "ema + tta":
         assert all(row["val_ema_accuracy"] is not None for row in history)
-        assert {"accuracy/val_ema", "loss/val_ema", "accuracy_top5/val"} <= set(events(tmp_path / "run").Tags()["scalars"])
+        tags = set(events(tmp_path / "run").Tags()["scalars"])
+        assert {"accuracy/val_ema", "loss/val_ema", "accuracy_top5/val"} <= tags
         ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
         assert ckpt["ema"]["updates"] == 2 * (960 // 32) and ckpt["ema"]["weights"].keys() == ckpt["model"].keys()
 

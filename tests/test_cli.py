@@ -9,7 +9,8 @@ import torch
 from conftest import CLASSES, Runner, assert_ok, assert_one_error, events, metrics_of, scalars, write_cifar
 
 # Image summaries (matplotlib) are tested in test_sweep.py; elsewhere they only cost time.
-FAST = ["model=resnet20", "epochs=2", "batch_size=32", "log_every_n_steps=5", "num_workers=0", "tensorboard.images=false"]
+FAST = ["model=resnet20", "epochs=2", "batch_size=32", "log_every_n_steps=5", "num_workers=0",
+        "tensorboard.images=false"]
 METRIC_KEYS = {"epochs", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
                "best_epoch", "best_val_accuracy", "images_per_second", "wall_seconds", "history"}
 
@@ -149,7 +150,8 @@ def test_val_size_zero_validates_on_the_test_split(cifar_root, run_cli):
 
 def test_cifar100_and_two_decoding_workers(tmp_path, image_folder_root, run_cli):
     write_cifar(run_cli.cwd / "data", "cifar100", n_train=600, n_test=200)
-    result = run_cli("resnet-train", *FAST, "epochs=1", "dataset=cifar100", "dataset.val_size=100", "hydra.run.dir=c100")
+    result = run_cli("resnet-train", *FAST, "epochs=1", "dataset=cifar100", "dataset.val_size=100",
+                     "hydra.run.dir=c100")
     assert_ok(result)
     ckpt = torch.load(run_cli.cwd / "c100" / "checkpoints" / "last.pt", weights_only=True)
     assert len(ckpt["classes"]) == 100 and ckpt["model"]["fc.weight"].shape == (100, 64)
@@ -185,7 +187,8 @@ BAD_INPUTS = [
     (["dataset.val_size=-5"], ["dataset.val_size=-5 is invalid"]),
     (["device=cuda"], ["no CUDA GPU"]),
     (["dataset=image_folder"], ["dataset.root is required"]),
-    (["model.pretrained=imagenet", "model.stem=cifar"], ["model.pretrained=imagenet was trained with the imagenet stem"]),
+    (["model.pretrained=imagenet", "model.stem=cifar"],
+     ["model.pretrained=imagenet was trained with the imagenet stem"]),
     (["model=resnet20", "model.pretrained=imagenet"], ["ImageNet weights for resnet18..152"]),
     (["model.pretrained=no/such/file.pth"], ["model.pretrained=no/such/file.pth: no such file"]),
     (["optim.lr=["], ["optim.lr=["]),

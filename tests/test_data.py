@@ -192,7 +192,8 @@ def test_non_square_images_are_decoded_like_torchvision_resize_and_center_crop(t
 
     from resnet_train.data import decode_resized
     for size in ((48, 32), (30, 50)):
-        array = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(1)
+        array = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g)
         path = tmp_path / f"{size[0]}x{size[1]}.png"
         Image.fromarray(array.numpy()).save(path)
         ours = decode_resized(str(path), 24)

@@ -492,8 +492,9 @@ def trained_run(tmp_path_factory):
     from conftest import Runner, assert_ok, write_image_folder
     user = Runner(tmp_path_factory.mktemp("user"))
     write_image_folder(user.cwd / "pets", {"train": 160, "test": 40}, num_classes=4)
-    assert_ok(user("resnet-train", "model=resnet20", "epochs=2", "batch_size=32", "num_workers=0", "dataset=image_folder",
-                   "dataset.root=pets", "tensorboard.images=false", "ema.decay=0.9", "hydra.run.dir=run"))
+    assert_ok(user("resnet-train", "model=resnet20", "epochs=2", "batch_size=32", "num_workers=0",
+                   "dataset=image_folder", "dataset.root=pets", "tensorboard.images=false", "ema.decay=0.9",
+                   "hydra.run.dir=run"))
     return user
 
 

@@ -122,7 +122,8 @@ def test_one_run_per_directory(user):
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2, 2], outputs
     assert sum("Run dir:" in o for o in outputs) == 1
-    assert all("is in use by another" in o or "already holds a run" in o for o, p in zip(outputs, procs) if p.returncode)
+    refusals = [o for o, p in zip(outputs, procs) if p.returncode]
+    assert all("is in use by another" in o or "already holds a run" in o for o in refusals)
 
 
 def test_two_resumes_of_one_run(user):
@@ -139,7 +140,8 @@ def test_only_finite_state_is_ever_saved(user):
     result = user("resnet-train", *RUN, "optim.lr=1e4", "checkpoint.every_n_steps=1", "hydra.run.dir=runs/diverged")
     assert_one_error(result, "NaN/inf", "lower optim.lr")
     line = result.stderr
-    assert ("the last good checkpoint is" in line and "checkpoints/last.pt" in line) or "no checkpoint was written" in line
+    names_it = "the last good checkpoint is" in line and "checkpoints/last.pt" in line
+    assert names_it or "no checkpoint was written" in line
     for path in (user.cwd / "runs" / "diverged" / "checkpoints").glob("*.pt"):
         ckpt = torch.load(path, weights_only=True)
         tensors = list(ckpt["model"].values()) + [t for s in ckpt["optimizer"]["state"].values() for t in s.values()]
@@ -214,7 +216,8 @@ def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
 @contextlib.contextmanager
 def mounted(path: Path, size: str):
     path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    if subprocess.run(mount, capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield path

@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-COMMANDS = ("resnet-train", "resnet-eval", "resnet-predict", "resnet-summary", "resnet-export", "torchrun", "tensorboard")
+COMMANDS = ("resnet-train", "resnet-eval", "resnet-predict", "resnet-summary", "resnet-export", "torchrun",
+            "tensorboard")
 SKIPPED = {  # a README line starting with ... : why it is not run here
     "python3 -m venv": "creates the environment these tests run in",
     ". .venv/bin/activate": "activates the environment these tests run in",
@@ -97,7 +98,8 @@ def adapt(line: str, cwd: Path) -> list[str]:
 def _data_root(arg: str, line: str, run_dataset: str | None) -> str:
     if not arg.startswith("dataset.root="):
         return arg
-    return "dataset.root=pets" if "dataset=image_folder" in line or run_dataset == "image_folder" else "dataset.root=data"
+    folder = "dataset=image_folder" in line or run_dataset == "image_folder"
+    return "dataset.root=pets" if folder else "dataset.root=data"
 
 
 def _run_dataset(args: list[str], cwd: Path) -> str | None:
@@ -150,4 +152,5 @@ def test_readme_command_runs_as_typed(user, line):
     if args[0] == "torchrun":
         args = [a.replace("--nproc_per_node=4", "--nproc_per_node=2") for a in args]
     result = user(args[0], *args[1:], timeout=600)
-    assert result.returncode == 0, f"{' '.join(args)}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, \
+        f"{' '.join(args)}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

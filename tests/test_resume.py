@@ -93,7 +93,8 @@ def test_resume_latest_from_last_pt_with_more_epochs(user, tmp_path):
 
 def snapshot(run_dir: Path) -> dict:
     """Every result file of a run (not its log, nor the lock file's pid)."""
-    return {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name not in ("train.log", ".lock")}
+    return {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name not in ("train.log", ".lock")}
 
 
 @pytest.mark.parametrize("args,message", [

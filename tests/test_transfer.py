@@ -163,9 +163,9 @@ def test_imagenet_weights_offline_from_the_torch_home_cache(cifar_root, tmp_path
 def folder_run(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("pets"), {"train": 300, "test": 120}, num_classes=4)
     user = Runner(root.parent / "user")
-    assert_ok(user("resnet-train", "model=resnet20", "epochs=2", "batch_size=32", "optim.lr=0.05", "dataset=image_folder",
-                   f"dataset.root={root}", "dataset.val_size=0.2", "num_workers=0", "tensorboard.images=false",
-                   "hydra.run.dir=run"))
+    assert_ok(user("resnet-train", "model=resnet20", "epochs=2", "batch_size=32", "optim.lr=0.05",
+                   "dataset=image_folder", f"dataset.root={root}", "dataset.val_size=0.2", "num_workers=0",
+                   "tensorboard.images=false", "hydra.run.dir=run"))
     return root, user.cwd / "run"
 
 
