@@ -606,3 +606,18 @@ def test_resnet_eval_picks_raw_or_ema_weights_when_asked(trained_run, tmp_path):
     assert_ok(other("resnet-train", "model=resnet20", "epochs=1", "batch_size=32", "num_workers=0",
                     "dataset=image_folder", "dataset.root=pets", "tensorboard.images=false", "hydra.run.dir=plain"))
     assert_one_error(other("resnet-eval", "checkpoint=plain", "ema.evaluate=true"), "kept no EMA weights")
+
+
+def test_a_model_with_huge_logits_is_told_which_atol_accepts_it(trained_run):
+    """fp32 rounding grows with the logits: at ~1e7 an ONNX export fails 1e-4 absolute; the message
+    names the atol that accepts it, and with it the export passes."""
+    from conftest import assert_ok
+    user = trained_run
+    ckpt = torch.load(user.cwd / "run" / "checkpoints" / "best.pt", weights_only=True)
+    for state in (ckpt["model"], ckpt["ema"]["weights"]):
+        state["fc.weight"] *= 1e6
+    torch.save(ckpt, user.cwd / "huge.pt")
+    failing = user("resnet-export", "checkpoint=huge.pt", "output=huge.onnx")
+    assert failing.returncode == 2 and "fp32 rounding, small next to logits" in failing.stderr
+    atol = failing.stderr.split("atol=")[-1].split(" ")[0]
+    assert_ok(user("resnet-export", "checkpoint=huge.pt", "output=huge.onnx", f"atol={atol}"))
