@@ -231,6 +231,12 @@ def plan_run(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict | 
         from .checkpoint import state_of
 
         state = state_of(ckpt)
+        rule = cfg.early_stopping
+        if (rule.patience and state.tested and not state.stopped_early and state.epoch < cfg.epochs
+                and state.epoch >= rule.min_epochs and state.early_bad_epochs >= rule.patience):
+            raise ConfigError(f"{run_dir_of(Path(cfg.resume))}: early stopping would have ended this run after its "
+                              f"last epoch ({state.epoch}: no improvement of {rule.metric} for "
+                              f"{state.early_bad_epochs} epochs), so it is finished; start a new run to train more")
         if state.finished(cfg.epochs) and state.stopped_early:
             raise ConfigError(f"{run_dir_of(Path(cfg.resume))} was stopped early after epoch {state.stopped_early} "
                               "(early_stopping) and is finished; start a new run to train more")

@@ -223,3 +223,7 @@ def test_a_finished_run_trained_longer_keeps_its_early_stopping_count(small_cifa
     assert_ok(run_cli("resnet-train", *run, *rule, "epochs=3", "hydra.run.dir=run"))
     assert_ok(run_cli("resnet-train", "resume=run", "epochs=6"))
     assert metrics_of(run_cli.cwd / "run")["stopped_early"] == 4
+    # patience used up exactly at a run's last epoch: an uninterrupted run would have stopped there
+    assert_ok(run_cli("resnet-train", *run, *rule, "epochs=4", "hydra.run.dir=used_up"))
+    again = run_cli("resnet-train", "resume=used_up", "epochs=6")
+    assert again.returncode == 2 and "early stopping would have ended this run after its last epoch (4" in again.stderr
