@@ -199,6 +199,11 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimi
         raise CheckpointError(f"{source}: the optimizer or scheduler state does not fit this run ({e})") from None
     for group, chosen in zip(optimizer.param_groups, kernels):
         group.update(chosen)  # fused/foreach kernels as chosen for this device, not the saving one
+        if group.get("fused") or group.get("capturable"):  # (their `step` lives on the device, as torch
+            for param in group["params"]:                  # keeps it when it loads a fused state itself)
+                state = optimizer.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(dtype=torch.float32, device=param.device)
     if ckpt["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:

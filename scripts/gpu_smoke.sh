@@ -76,6 +76,11 @@ timed resnet-train resume=runs/stopped; rc=$?
 $PYTHON -c "import json,sys; sys.exit(0 if json.load(open('runs/stopped/metrics.json'))['epochs'] == 3 else 1)" || rc=1
 record "SIGTERM (exit 143) + resume" $rc runs/stopped $ELAPSED
 
+# Adam trained on the CPU, resumed on the GPU, where it switches to the fused kernel (its `step` moves along)
+timed resnet-train $COMMON model=resnet20 optim=adam epochs=1 device=cpu hydra.run.dir=runs/adam; rc=$?
+[ $rc -eq 0 ] && { timed resnet-train resume=runs/adam epochs=2 device=auto; rc=$?; }
+record "Adam: 1 epoch on the CPU, resumed on the GPU (fused)" $rc runs/adam $ELAPSED
+
 timed torchrun --standalone --nproc_per_node=1 -m resnet_train $COMMON epochs=1 hydra.run.dir=runs/torchrun
 record "torchrun, 1 process" $? runs/torchrun $ELAPSED
 timed resnet-train $COMMON epochs=2 compile=true hydra.run.dir=runs/compiled; record "compile=true" $? runs/compiled $ELAPSED
