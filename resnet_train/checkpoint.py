@@ -284,11 +284,11 @@ class RunCheckpoints:
             ckpt["state"] = asdict(state)
             atomic_save(ckpt, self.path("last"))
 
-    def load_model_weights(self, name: str, ema: bool = False) -> None:
-        """The model gets the weights of checkpoint `name` (its EMA weights with `ema`)."""
+    def load_model_weights(self, name: str) -> None:
+        """The model gets the weights checkpoint `name` selects (its EMA weights where the run kept
+        and selects them: `selected_weights`, as eval, predict and export take them)."""
         distributed.barrier()  # the first process has written it
-        ckpt = load_checkpoint(self.path(name))
-        load_model_state(self.model, ckpt["ema"]["weights"] if ema else ckpt["model"], str(self.path(name)))
+        load_model_state(self.model, selected_weights(load_checkpoint(self.path(name))), str(self.path(name)))
 
 
 def first_nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer, ema: WeightEMA | None = None) -> str | None:
