@@ -300,7 +300,7 @@ def _affine(x: Tensor, theta: Tensor) -> Tensor:
 def _degenerate(x: Tensor, op: Tensor) -> Tensor:
     """The image each blend op mixes with (float32): Brightness black, Color grayscale, Contrast the
     grayscale mean, Sharpness a smoothed copy; zeros for every other op (its complement is 0)."""
-    gray = _grayscale(x)
+    gray = grayscale(x)
     mean = torch.mean(gray.to(torch.float32), dim=(-3, -2, -1), keepdim=True)  # exact: integer sums < 2**24
     degenerate = torch.where(_is(op, "Color"), gray.float(), 0.0)
     degenerate = torch.where(_is(op, "Contrast"), mean, degenerate)
@@ -314,8 +314,9 @@ def _blend(x: Tensor, degenerate: Tensor, ratio: Tensor, complement: Tensor) -> 
     return (ratio * x + complement * degenerate).clamp(0, 255).to(torch.uint8)
 
 
-def _grayscale(x: Tensor) -> Tensor:
-    """torchvision's `rgb_to_grayscale` (uint8, N x 1 x H x W), same float32 expression."""
+def grayscale(x: Tensor) -> Tensor:
+    """torchvision's `rgb_to_grayscale`, the same float32 expression (N x 1 x H x W in x's dtype: uint8
+    truncated as torchvision does, float kept)."""
     r, g, b = x.unbind(dim=-3)
     return (0.2989 * r + 0.587 * g + 0.114 * b).to(x.dtype).unsqueeze(dim=-3)
 

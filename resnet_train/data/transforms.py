@@ -131,14 +131,10 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     gray level and the grayscale image) with per-image factors, on float NCHW pixels in 0..255."""
     brightness, contrast, saturation = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
     x = (x * brightness).clamp(0, 255)
-    gray = _grayscale(x)
-    x = (gray.mean((1, 2, 3), keepdim=True) + contrast * (x - gray.mean((1, 2, 3), keepdim=True))).clamp(0, 255)
-    gray = _grayscale(x)
+    gray_mean = policies.grayscale(x).mean((1, 2, 3), keepdim=True)
+    x = (gray_mean + contrast * (x - gray_mean)).clamp(0, 255)
+    gray = policies.grayscale(x)
     return (gray + saturation * (x - gray)).clamp(0, 255)
-
-
-def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
 @dataclass
@@ -203,7 +199,11 @@ class BatchTransform:
             # antialiasing matters only when shrinking; upscaling (32 -> 224) with it picks a slower kernel
             x = F.interpolate(x, size=(self.output_size, self.output_size), mode="bilinear",
                               antialias=self.output_size < x.shape[-1])
-        x = (x - self._stats(x.device)[0]) / self._stats(x.device)[1] if self.mean is not None else x / 255
+        if self.mean is not None:
+            mean, std = self._stats(x.device)
+            x = (x - mean) / std
+        else:
+            x = x / 255
         if d is not None and d.erasing is not None:
             x = self._erase(x, d.erasing, images.shape[1])
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
