@@ -54,7 +54,7 @@ from .config import arch_of
 from .data import BatchTransform
 from .errors import CheckpointError, ExportError
 from .files import atomic_write, storage_error
-from .models import ARCHITECTURES, IMAGENET_FAMILY
+from .models import ARCHITECTURES, IMAGENET_FAMILY, stem_of_conv1
 
 FORMATS = ("onnx", "torchscript", "state_dict")
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".ts", ".pt", ".pth"), "state_dict": (".pt", ".pth", ".safetensors")}
@@ -291,10 +291,6 @@ def _inference_copy(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _stem_of(conv1_weight: torch.Tensor) -> str:
-    return "imagenet" if conv1_weight.shape[-1] == 7 else "cifar"  # 7x7/2 stem vs 3x3/1
-
-
 def _check_fits(model: nn.Module, metadata: ExportMetadata) -> None:
     """The metadata describes this model: as many classes as outputs, the same stem."""
     fc, conv1 = getattr(model, "fc", None), getattr(model, "conv1", None)
@@ -303,8 +299,8 @@ def _check_fits(model: nn.Module, metadata: ExportMetadata) -> None:
     if fc.out_features != len(metadata.classes):
         raise ExportError(f"the model has {fc.out_features} outputs but the metadata names "
                           f"{len(metadata.classes)} classes")
-    if _stem_of(conv1.weight) != metadata.stem:
-        raise ExportError(f"the model has the {_stem_of(conv1.weight)} stem but the metadata says {metadata.stem}")
+    if stem_of_conv1(conv1.weight) != metadata.stem:
+        raise ExportError(f"the model has the {stem_of_conv1(conv1.weight)} stem but the metadata says {metadata.stem}")
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, output: Path, metadata: ExportMetadata, opset: int) -> None:

@@ -237,12 +237,16 @@ IMAGENET_WIDTHS = [64, 128, 256, 512]
 CIFAR_WIDTHS = [16, 32, 64]
 
 
+def stem_of_conv1(weight: torch.Tensor) -> Stem:
+    """The stem a first convolution belongs to: 7x7 (stride 2, then max-pool) imagenet, 3x3 cifar."""
+    return "imagenet" if weight.shape[-1] == 7 else "cifar"
+
+
 def _build(arch: str, block, layers, widths, shortcut: Shortcut, num_classes: int, stem: Stem | Literal["auto"],
            dropout: float, zero_init_residual: bool, pretrained: str | None, freeze_upto: str) -> ResNet:
     state = pretrained_state_dict(arch, pretrained) if pretrained else None
     if stem == "auto":  # follow the weights: torchvision's have a 7x7 first convolution, CIFAR-style ones 3x3
-        kernel = state["conv1.weight"].shape[-1] if state is not None and "conv1.weight" in state else 3
-        stem = "imagenet" if kernel == 7 else "cifar"
+        stem = stem_of_conv1(state["conv1.weight"]) if state is not None and "conv1.weight" in state else "cifar"
     model = ResNet(block, layers, widths, num_classes, stem, shortcut, dropout, zero_init_residual)
     if state is not None:
         load_backbone(model, state, pretrained)
