@@ -244,7 +244,6 @@ def validate(cfg: DictConfig, of_stored_run: bool = False) -> None:
                           "fit in 10 minutes")
 
 
-
 def leaves(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     """Every leaf of a config as {dotted.path: value} (lists are leaves), without hydra's node."""
     node = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg

@@ -116,15 +116,13 @@ def predict(cfg: DictConfig) -> int:
     score, classes, decode_size = checkpoint_scorer(cfg) if cfg.checkpoint is not None else exported_scorer(cfg)
     predictions, unreadable = predict_files(score, files, classes, decode_size, cfg.batch_size, cfg.topk)
     skipped += unreadable
-    if not predictions:
-        for item, reason in skipped:
-            print(f"skipped {item}: {reason}", file=sys.stderr)
-        raise DataError(f"none of the {len(files)} file(s) could be read as an image; {cfg.output} not written")
     width = max((len(str(p.path)) for p in predictions), default=10)
     for p in predictions:
         print(f"{str(p.path):<{width}}  " + "  ".join(f"{c} {pr:.3f}" for c, pr in zip(p.classes, p.probabilities)))
     for item, reason in skipped:
         print(f"skipped {item}: {reason}", file=sys.stderr)
+    if not predictions:
+        raise DataError(f"none of the {len(files)} file(s) could be read as an image; {cfg.output} not written")
     output = Path(cfg.output)
     write_csv(output, predictions, min(cfg.topk, len(classes)))
     print(f"\n{len(predictions)} image(s) predicted, {len(skipped)} skipped; wrote {output}")
