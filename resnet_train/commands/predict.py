@@ -112,7 +112,8 @@ def predict(cfg: DictConfig) -> int:
     check_writable(Path(cfg.output))
     files, skipped = collect_files(inputs)
     if not files:
-        raise ConfigError(f"inputs={inputs}: no files found" + "".join(f"; {i}: {why}" for i, why in skipped))
+        typed = f"[{','.join(inputs)}]"  # (as it is typed, not as a Python list)
+        raise ConfigError(f"inputs={typed}: no files found" + "".join(f"; {i}: {why}" for i, why in skipped))
     score, classes, decode_size = checkpoint_scorer(cfg) if cfg.checkpoint is not None else exported_scorer(cfg)
     predictions, unreadable = predict_files(score, files, classes, decode_size, cfg.batch_size, cfg.topk)
     skipped += unreadable
