@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -122,6 +123,16 @@ SITECUSTOMIZE = textwrap.dedent("""
     if os.environ.get("RESNET_TRAIN_TEST_HOOK"):  # a test's fault injection (e.g. running out of memory)
         exec(open(os.environ["RESNET_TRAIN_TEST_HOOK"]).read())
 """)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Path:
+    """A folder for one test module's shared runs, removed when the module is done: the README's
+    runs alone write ~5 GB (resnet50 checkpoints and exports), and a test suite should not fill the
+    disk it runs on. (Each test's own `tmp_path` is removed when it passes: pyproject.toml.)"""
+    path = tmp_path_factory.mktemp("module")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

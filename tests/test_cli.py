@@ -23,10 +23,10 @@ def only_run_dir(cwd: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cifar_run(cifar_root, tmp_path_factory):
+def cifar_run(cifar_root, module_tmp):
     """One 2-epoch resnet20 run on generated CIFAR-10 batches in ./data (the default dataset.root),
     into the default run dir; shared by the tests that inspect it."""
-    runner = Runner(tmp_path_factory.mktemp("user"))
+    runner = Runner(module_tmp / "user")
     (runner.cwd / "data").symlink_to(cifar_root)
     result = runner("resnet-train", *FAST, "dataset.val_size=100")
     assert_ok(result)

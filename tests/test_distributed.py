@@ -51,8 +51,8 @@ def test_two_shards_see_exactly_what_one_process_sees():
 
 
 @pytest.fixture(scope="module")
-def runs(cifar_root, tmp_path_factory):
-    user = Runner(tmp_path_factory.mktemp("ddp"))
+def runs(cifar_root, module_tmp):
+    user = Runner(module_tmp / "ddp")
     (user.cwd / "data").symlink_to(cifar_root)
     assert_ok(user("resnet-train", *RUN, "hydra.run.dir=single"))
     ddp = torchrun(user, *RUN)

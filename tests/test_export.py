@@ -89,14 +89,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(module_tmp):
     """exported(case, fmt, suffix=None, include_preprocessing=True) -> path, each export made once."""
     made: dict[tuple, Path] = {}
 
     def get(case: Case, fmt: str, suffix: str | None = None, include_preprocessing: bool = True) -> Path:
         key = (case.name, fmt, suffix, include_preprocessing)
         if key not in made:
-            out = tmp_path_factory.mktemp(fmt) / f"model{suffix or SUFFIX[fmt]}"
+            out = module_tmp / f"{len(made)}-{fmt}" / f"model{suffix or SUFFIX[fmt]}"
+            out.parent.mkdir()
             made[key] = export_model(case.model, case.metadata, fmt, out, include_preprocessing=include_preprocessing)
         return made[key]
     return get
@@ -487,10 +488,10 @@ def test_torchvision_compatibility_per_family():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(module_tmp):
     """A short real run on a generated image folder (with EMA), in a user's working directory."""
     from conftest import Runner, assert_ok, write_image_folder
-    user = Runner(tmp_path_factory.mktemp("user"))
+    user = Runner(module_tmp / "user")
     write_image_folder(user.cwd / "pets", {"train": 160, "test": 40}, num_classes=4)
     assert_ok(user("resnet-train", "model=resnet20", "epochs=2", "batch_size=32", "num_workers=0",
                    "dataset=image_folder", "dataset.root=pets", "tensorboard.images=false", "ema.decay=0.9",

@@ -22,8 +22,8 @@ TIMING = {"wall_seconds", "images_per_second", "train_seconds", "epoch_seconds"}
 
 
 @pytest.fixture(scope="module")
-def user(small_cifar_root, tmp_path_factory) -> Runner:
-    runner = Runner(tmp_path_factory.mktemp("user"))
+def user(small_cifar_root, module_tmp) -> Runner:
+    runner = Runner(module_tmp / "user")
     (runner.cwd / "data").symlink_to(small_cifar_root)  # 200 training images: 6 steps an epoch
     return runner
 

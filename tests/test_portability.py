@@ -71,9 +71,9 @@ def test_precision_auto_is_resolved_where_the_model_runs(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def gpu_checkpoint(cifar_root, tmp_path_factory):
+def gpu_checkpoint(cifar_root, module_tmp):
     """A real run's checkpoint, edited to say what a T4 run on cuda:3 stores: fp16, device cuda:3."""
-    user = Runner(tmp_path_factory.mktemp("user"))
+    user = Runner(module_tmp / "user")
     (user.cwd / "data").symlink_to(cifar_root)
     assert_ok(user("resnet-train", "model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=100",
                    "num_workers=0", "tensorboard.images=false", "hydra.run.dir=t4"))

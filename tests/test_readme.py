@@ -113,10 +113,10 @@ def _run_dataset(args: list[str], cwd: Path) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def user(tmp_path_factory) -> Runner:
+def user(module_tmp) -> Runner:
     """A fresh working directory with the data where the README's commands look for it, and
     torchvision's ImageNet file names in $TORCH_HOME (random weights: no network here)."""
-    cwd = tmp_path_factory.mktemp("readme")
+    cwd = module_tmp
     torch_home = cwd / ".torch"
     cache = torch_home / "hub" / "checkpoints"
     cache.mkdir(parents=True)

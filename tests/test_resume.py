@@ -35,9 +35,9 @@ def assert_same_final_state(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def user(small_cifar_root, tmp_path_factory) -> Runner:
+def user(small_cifar_root, module_tmp) -> Runner:
     """A user's working directory with the generated CIFAR-10 in ./data (the default dataset.root)."""
-    runner = Runner(tmp_path_factory.mktemp("user"))
+    runner = Runner(module_tmp / "user")
     (runner.cwd / "data").symlink_to(small_cifar_root)
     return runner
 

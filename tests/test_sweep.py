@@ -25,9 +25,9 @@ def hparam_order(acc) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(cifar_root, tmp_path_factory):
+def grid_sweep(cifar_root, module_tmp):
     """The README's sweep as typed: the default sweep dir (multirun/<date>/<time>, relative)."""
-    user = Runner(tmp_path_factory.mktemp("user"))
+    user = Runner(module_tmp / "user")
     (user.cwd / "data").symlink_to(cifar_root)
     result = user("resnet-train", "-m", *BASE, "optim=sgd,adam", "optim.lr=0.05,0.02",
                   "tensorboard.histograms_every_n_epochs=1")

@@ -18,10 +18,10 @@ from resnet_train.optim import param_groups
 
 
 @pytest.fixture(scope="module")
-def torchvision_weights(tmp_path_factory) -> tuple[Path, dict]:
+def torchvision_weights(module_tmp) -> tuple[Path, dict]:
     torch.manual_seed(1)
     state = torchvision.models.resnet18(num_classes=1000).state_dict()
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    path = module_tmp / "resnet18.pth"
     torch.save(state, path)
     return path, state
 
@@ -160,8 +160,8 @@ def test_imagenet_weights_offline_from_the_torch_home_cache(cifar_root, tmp_path
 
 
 @pytest.fixture(scope="module")
-def folder_run(tmp_path_factory):
-    root = write_image_folder(tmp_path_factory.mktemp("pets"), {"train": 300, "test": 120}, num_classes=4)
+def folder_run(module_tmp):
+    root = write_image_folder(module_tmp / "pets", {"train": 300, "test": 120}, num_classes=4)
     user = Runner(root.parent / "user")
     assert_ok(user("resnet-train", "model=resnet20", "epochs=2", "batch_size=32", "optim.lr=0.05",
                    "dataset=image_folder", f"dataset.root={root}", "dataset.val_size=0.2", "num_workers=0",
