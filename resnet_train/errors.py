@@ -52,6 +52,14 @@ class ExportError(UserError):
     """A model could not be exported, or the exported file does not give the model's answers."""
 
 
+def first_line(e: BaseException) -> str:
+    """The gist of an exception from a library: its first line, cut to the first sentence if long."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if len(text) > 160 and ". " in text:
+        text = text.split(". ")[0] + "."
+    return text[:200]
+
+
 class Refused(BaseException):
     """Carries a UserError out through Hydra, which catches every Exception -- turning one raised in
     a callback into a warning and printing its own report around a failed run -- but lets a

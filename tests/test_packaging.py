@@ -38,5 +38,6 @@ def test_non_editable_install_runs_from_another_directory(tmp_path):
                                                    capture_output=True, text=True, cwd=elsewhere).stdout, name
     assert (site / "resnet_train" / "configs" / "augment" / "trivialaugment.yaml").is_file()
     assert (site / "resnet_train" / "data" / "policies.py").is_file()
+    assert (site / "resnet_train" / "export" / "parity.py").is_file()
     module = subprocess.run([python, "-m", "resnet_train", "epochs=0"], capture_output=True, text=True, cwd=elsewhere)
     assert module.returncode == 2 and "epochs=0 is invalid" in module.stderr
