@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from . import distributed, pause
-from .config import in_current_schema
 from .ema import WeightEMA
 from .errors import CheckpointError, TrainingDiverged
 from .files import atomic_write, storage_error
 from .fit import TrainState
+from .stored_config import in_current_schema
 
 REQUIRED_KEYS = ("model", "config", "classes")
 

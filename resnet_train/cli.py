@@ -26,7 +26,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import runs, sweep  # sweep registers the job-name resolver train.yaml uses
-from .config import CONFIG_MODULE, hydra_error, override_key
+from .composing import hydra_error
+from .config import CONFIG_MODULE, override_key
 from .errors import Refused, UserError
 from .files import STORAGE_ERRNOS, storage_error
 

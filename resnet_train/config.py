@@ -2,13 +2,13 @@
 
 `KEYS` names each key of the composed training config with the test its value must pass and its
 role. Everything else is derived from it, never listed again: `validate` (types, ranges, unknown
-keys), `RESUMABLE` (keys a resumed run may change), the HParams shown in TensorBoard, and the
-comparison of a resume command line with the run it continues.
+keys), `RESUMABLE` (keys a resumed run may change) and the HParams shown in TensorBoard.
+`composing.py` composes train.yaml with Hydra; `stored_config.py` compares a resume's command line
+with the run it continues.
 
 The optimizer and scheduler groups are open: any constructor argument of the optimizer or schedule
 can be set, so their extra keys are checked by building them (`build.check_buildable`), not here.
-Only this module and `cli.py` know Hydra; nothing here imports torch (config errors answer in
-milliseconds).
+Nothing here imports torch (config errors answer in milliseconds).
 """
 
 from __future__ import annotations
@@ -328,127 +328,3 @@ def hparam_values(cfg: DictConfig, precision: str, swept: Iterable[str] = ()) ->
             first[name] = values.get(name, flat.get(key))
     values = {**first, **{k: v for k, v in values.items() if k not in first}}
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Composing configs and translating Hydra's errors into one line
-# --------------------------------------------------------------------------------------------
-
-
-def compose_train(overrides: list[str]) -> DictConfig:
-    """train.yaml with `overrides` (no sweep values), or ConfigError saying what is wrong in one line."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
-    try:
-        if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path is ours
-            return compose(config_name="train", overrides=overrides)
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            return compose(config_name="train", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise hydra_error(e) from None
-
-
-def in_current_schema(stored: dict) -> dict:
-    """A checkpoint's config in today's schema, so that runs of earlier versions still evaluate,
-    predict, export and resume: keys that moved are moved (`dataset.augment` became the `augment`
-    group), keys added since take their defaults (every new feature's default is off)."""
-    config = OmegaConf.to_container(OmegaConf.create(stored))  # (a copy)
-    if "augment" not in config and isinstance(config.get("dataset", {}).get("augment"), dict):
-        config["augment"] = config["dataset"].pop("augment")
-    defaults = OmegaConf.to_container(compose_train([]))
-    for key, default in defaults.items():
-        if key == "hydra":
-            continue
-        if key not in config:
-            config[key] = default
-        elif isinstance(default, dict) and key not in CHOSEN_GROUPS:  # (a group's keys depend on its choice)
-            config[key] = {**default, **config[key]}
-    return config
-
-
-def hydra_error(e: Exception) -> ConfigError:
-    """Hydra's multi-line composition errors as one line that names the override and the choices."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    text = str(e).strip()
-    if isinstance(e, OverrideParseException):
-        reason = [line for line in e.message.splitlines() if line and not line.startswith(("Error parsing", "See "))]
-        return ConfigError(f"{e.override}: cannot be parsed ({'; '.join(reason) or 'bad syntax'}); quote values "
-                           "with special characters, e.g. 'key=\"a b\"'")
-    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
-        group, _, option = e.missing_cfg_file.rpartition("/")
-        return ConfigError(f"{group}={option}: no such option; choose one of {', '.join(sorted(e.options))}")
-    if text.startswith("Could not override '"):
-        key = text.split("'")[1]
-        value = text.split("use +", 1)[-1].split("=", 1)[-1].strip()
-        return ConfigError(_no_such_key(key, value))
-    if text.startswith("Error merging override") and e.__cause__ is not None:
-        cause = str(e.__cause__).strip().splitlines()[0]
-        return ConfigError(f"{text.removeprefix('Error merging override ')}: {cause}")
-    return ConfigError(text.split("\nConfig search path")[0].replace("\n", " ").strip())
-
-
-def _no_such_key(key: str, value: str) -> str:
-    group = key.split(".")[0]
-    if group in OPEN_GROUPS and "." in key:
-        return (f"{key}={value}: the chosen {group} has no argument {key.split('.', 1)[1]}; "
-                f"add a new constructor argument with +{key}={value}")
-    return unknown_key_message(key, value)
-
-
-# --------------------------------------------------------------------------------------------
-# A stored run's config with a command line applied (resume, resnet-eval)
-# --------------------------------------------------------------------------------------------
-
-
-def apply_command_line(stored: dict, given: DictConfig, defaults: DictConfig, overrides: list[str],
-                       may_change: Callable[[str], bool], why_not: str) -> DictConfig:
-    """The stored config, with the keys the command line sets taken from `given` (train.yaml plus
-    that command line). A key the command line sets to the value the run already has is fine; a
-    different value is taken if `may_change(key)`, else refused, naming both values.
-
-    The keys the command line sets are those named in an override (`optim.lr=...`, every key of a
-    group for `optim=adam`) and those where `given` differs from `defaults` (what recipes such
-    as `experiment=...` set). Values the run derived itself (computed mean/std, the resolved stem)
-    match the defaults they came from."""
-    cfg = OmegaConf.create(stored)
-    have, want, base = leaves(cfg), leaves(given), leaves(defaults)
-    named = [override_key(o) for o in overrides if not override_key(o).startswith("hydra") and "=" in o]
-    touched = {k for k in want if k != "resume" and (want[k] != base.get(k, _ABSENT) or _under(k, named))}
-    for key in sorted(touched):
-        old, new = have.get(key, _ABSENT), want[key]
-        if old == new or derived_from(key, new, old, given):
-            continue
-        if not may_change(key):
-            raise ConfigError(f"{_shown_key(key)}: the run has {_shown_value(key, old)}, the command line gives "
-                              f"{_shown_value(key, new)}; {why_not}")
-        OmegaConf.update(cfg, key, new, merge=False, force_add=True)
-    return cfg
-
-
-def _shown_key(key: str) -> str:
-    return key.removesuffix("._target_")  # model._target_ is what model=... chooses
-
-
-def _shown_value(key: str, value: Any) -> str:
-    if value is _ABSENT:
-        return "nothing"
-    return value.rsplit(".", 1)[-1] if key.endswith("._target_") else repr(value)
-
-
-def _under(key: str, named: list[str]) -> bool:
-    return any(key == n or key.startswith(n + ".") for n in named)
-
-
-def derived_from(key: str, given: Any, stored: Any, cfg: DictConfig) -> bool:
-    """A stored value the run worked out from the given one: statistics computed for a null
-    mean/std, the stem chosen for model.stem=auto, the epochs chosen for epochs=auto."""
-    if key in ("dataset.mean", "dataset.std"):
-        return given is None
-    if key == "model.stem":
-        return given == "auto" and stored in ("cifar", "imagenet")
-    if key == "epochs":  # the number time_budget chose
-        return given == "auto" and is_int(stored)
-    return False

@@ -17,9 +17,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .config import RESUMABLE, apply_command_line, compose_train, override_key, validate
+from .composing import compose_train
+from .config import RESUMABLE, override_key, validate
 from .errors import CheckpointError, ConfigError, Refused, RunDirError, UserError
 from .files import remove_stale_temporaries
+from .stored_config import apply_command_line
 
 LOCK_NAME = ".lock"
 _held: dict[Path, int] = {}  # run dir -> the open lock file's descriptor, while this process holds it

@@ -9,12 +9,14 @@ from omegaconf import DictConfig
 
 from ..build import load_data, model_from_checkpoint
 from ..checkpoint import check_classes, load_checkpoint
-from ..config import apply_command_line, compose_train, override_key, validate
+from ..composing import compose_train
+from ..config import override_key, validate
 from ..device import describe
 from ..engine import evaluate
 from ..errors import ConfigError, DataError
 from ..files import check_writable, write_json
 from ..runs import find_checkpoint, run_dir_of
+from ..stored_config import apply_command_line
 
 # Where and how the training run ran says nothing about where it is evaluated: these start from
 # `auto` again (resolved on this machine) unless given on resnet-eval's command line.

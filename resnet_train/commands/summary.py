@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..build import build_model, model_from_checkpoint
-from ..config import arch_of, compose_train, validate
+from ..composing import compose_train
+from ..config import arch_of, validate
 
 
 @dataclass

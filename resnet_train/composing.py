@@ -1,0 +1,55 @@
+"""Composing the training config with Hydra, and Hydra's several-line errors as one line naming
+the override (an unknown option lists the choices, an unknown key suggests the closest one)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import CONFIG_MODULE, OPEN_GROUPS, unknown_key_message
+from .errors import ConfigError
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """train.yaml with `overrides` (no sweep values), or ConfigError saying what is wrong in one line."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its search path is ours
+            return compose(config_name="train", overrides=overrides)
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return compose(config_name="train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise hydra_error(e) from None
+
+
+def hydra_error(e: Exception) -> ConfigError:
+    """Hydra's multi-line composition errors as one line that names the override and the choices."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(e).strip()
+    if isinstance(e, OverrideParseException):
+        reason = [line for line in e.message.splitlines() if line and not line.startswith(("Error parsing", "See "))]
+        return ConfigError(f"{e.override}: cannot be parsed ({'; '.join(reason) or 'bad syntax'}); quote values "
+                           "with special characters, e.g. 'key=\"a b\"'")
+    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return ConfigError(f"{group}={option}: no such option; choose one of {', '.join(sorted(e.options))}")
+    if text.startswith("Could not override '"):
+        key = text.split("'")[1]
+        value = text.split("use +", 1)[-1].split("=", 1)[-1].strip()
+        return ConfigError(_no_such_key(key, value))
+    if text.startswith("Error merging override") and e.__cause__ is not None:
+        cause = str(e.__cause__).strip().splitlines()[0]
+        return ConfigError(f"{text.removeprefix('Error merging override ')}: {cause}")
+    return ConfigError(text.split("\nConfig search path")[0].replace("\n", " ").strip())
+
+
+def _no_such_key(key: str, value: str) -> str:
+    group = key.split(".")[0]
+    if group in OPEN_GROUPS and "." in key:
+        return (f"{key}={value}: the chosen {group} has no argument {key.split('.', 1)[1]}; "
+                f"add a new constructor argument with +{key}={value}")
+    return unknown_key_message(key, value)
