@@ -85,7 +85,9 @@ def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, run_cli)
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert rows[2]["overrides"] == "optim.lr=nan" and "optim.lr=nan is invalid" in rows[2]["error"]
     assert all(float(r["best_val_accuracy"]) > 0 for r in rows[:2])
-    assert result.stderr.strip().splitlines()[-1].startswith("error: a sweep job failed")
+    assert result.stderr.strip().splitlines() == [
+        "error: 1 of 3 sweep jobs failed (every job ran; see the summary above); "
+        "optim.lr=nan: optim.lr=nan is invalid: expected a positive number"]
 
 
 def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):
@@ -107,6 +109,27 @@ def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):
     rows = list(csv.DictReader((user.cwd / "sweep" / "summary.csv").open()))
     assert [(r["overrides"], r["status"]) for r in rows] == [("batch_size=32", "ok"), ("batch_size=64", "failed")]
     assert rows[1]["error"] == "out of memory on the device with batch_size=64; try batch_size=32"
+    assert result.stderr.strip().splitlines()[-1] == ("error: 1 of 2 sweep jobs failed (every job ran; see the "
+                                                      f"summary above); batch_size=64: {rows[1]['error']}")
+
+
+def test_a_bug_in_a_sweep_job_keeps_its_traceback(cifar_root, tmp_path):
+    """Only user errors become the sweep's one line; anything else is a bug and shows where it is."""
+    hook = tmp_path / "bug_hook.py"
+    hook.write_text(textwrap.dedent("""
+        import torch.nn.functional as F
+        real = F.cross_entropy
+        def cross_entropy(logits, labels, *args, **kwargs):
+            if len(labels) == 64:
+                raise KeyError("a bug")
+            return real(logits, labels, *args, **kwargs)
+        F.cross_entropy = cross_entropy
+    """))
+    user = Runner(tmp_path / "work", RESNET_TRAIN_TEST_HOOK=str(hook))
+    result = user("resnet-train", "-m", *[a for a in BASE if not a.startswith("batch_size")], "batch_size=64,32",
+                  f"dataset.root={cifar_root}", "tensorboard.images=false", "hydra.sweep.dir=sweep")
+    assert result.returncode not in (0, 2)
+    assert "Traceback" in result.stderr and "KeyError: 'a bug'" in result.stderr
 
 
 def test_optuna_search(cifar_root, run_cli):
