@@ -81,53 +81,18 @@ def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] |
     root_path = Path(root).expanduser()
     if name in CIFAR:
         train, test, classes = load_cifar(name, root_path, download)
-        val = None
-        storage, stored_size = "memory", 32
+        val, storage, stored_size = None, "memory", 32
     elif name == "image_folder":
         root_path = root_path.resolve()
-        samples, classes = list_image_folder(root_path / "train")
-        class_to_idx = {c: i for i, c in enumerate(classes)}
-        to_split = lambda s: Split(torch.tensor([label for _, label in s]), samples=s)  # noqa: E731
-        train = to_split(samples)
-
-        def optional_split(name: str) -> Split | None:
-            folder = root_path / name
-            return to_split(list_image_folder(folder, class_to_idx)[0]) if folder.is_dir() else None
-
-        val, test = optional_split("val"), optional_split("test")
-        total = sum(len(s) for s in (train, val, test) if s is not None)
-        storage = loader
-        if loader == "auto":
-            storage = "memory" if total * image_size ** 2 * 3 <= memory_budget_bytes(device) else "stream"
+        train, val, test, classes, storage = _read_image_folder(root_path, image_size, loader, device, num_workers, log)
         stored_size = image_size
-        if storage == "memory":
-            log(f"Decoding {total:,} images from {root_path} at {image_size}x{image_size} into memory")
-            train, val, test = (None if s is None
-                                else Split(s.labels, images=decode_all(s.samples, image_size, num_workers))
-                                for s in (train, val, test))
     else:
         raise DataError(f"dataset.name={name!r} is not one of cifar10, cifar100, image_folder")
-
-    if val is not None:
-        val_source = f"{root_path / 'val'} ({len(val):,} images)"
-    elif val_size == 0:
-        val = test
-        val_source = ("the test split (dataset.val_size=0: training on every training image)"
-                      if test is not None else "none")
-    else:
-        n_val = resolve_val_size(val_size, len(train))
-        train_idx, val_idx = stratified_split(train.labels, n_val, split_seed)
-        train, val = train.subset(train_idx), train.subset(val_idx)
-        val_source = f"{n_val:,} images held out from the training split (stratified, dataset.split_seed={split_seed})"
+    train, val, val_source = _validation_split(train, val, test, val_size, split_seed, root_path)
     if batch_size > len(train):
         raise DataError(f"batch_size={batch_size} is larger than the training split ({len(train):,} images)")
-
     if normalize and (mean is None or std is None):
-        stats_images = train.images
-        if stats_images is None:  # streaming: estimate from a sample
-            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))[:2000]
-            stats_images = decode_all([train.samples[i] for i in pick.tolist()], image_size, num_workers)
-        computed = channel_stats(stats_images)
+        computed = _channel_stats_of(train, image_size, split_seed, num_workers)
         mean, std = mean or computed[0], std or computed[1]
         log(f"Normalization computed from the training images: mean {_fmt(mean)}, std {_fmt(std)}")
     mean, std = (list(mean), list(std)) if normalize else (None, None)
@@ -147,6 +112,54 @@ def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] |
     val_loader = test_loader if val is test else make(val, False)
     return Data(make(train, True), val_loader, test_loader, classes, mean, std, image_size, stored_size, val_source,
                 storage)
+
+
+def _read_image_folder(root: Path, image_size: int, loader: str, device: torch.device, num_workers: int,
+                       log) -> tuple[Split, Split | None, Split | None, list[str], str]:
+    """root/train (and root/val, root/test where present) as splits, decoded into memory at
+    image_size or left as file lists to stream (`loader`, `auto`: memory when it fits the budget)."""
+    samples, classes = list_image_folder(root / "train")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    to_split = lambda s: Split(torch.tensor([label for _, label in s]), samples=s)  # noqa: E731
+
+    def optional_split(name: str) -> Split | None:
+        folder = root / name
+        return to_split(list_image_folder(folder, class_to_idx)[0]) if folder.is_dir() else None
+
+    train, val, test = to_split(samples), optional_split("val"), optional_split("test")
+    total = sum(len(s) for s in (train, val, test) if s is not None)
+    storage = loader
+    if loader == "auto":
+        storage = "memory" if total * image_size ** 2 * 3 <= memory_budget_bytes(device) else "stream"
+    if storage == "memory":
+        log(f"Decoding {total:,} images from {root} at {image_size}x{image_size} into memory")
+        decoded = lambda s: Split(s.labels, images=decode_all(s.samples, image_size, num_workers))  # noqa: E731
+        train, val, test = (None if s is None else decoded(s) for s in (train, val, test))
+    return train, val, test, classes, storage
+
+
+def _validation_split(train: Split, val: Split | None, test: Split | None, val_size: int | float, split_seed: int,
+                      root: Path) -> tuple[Split, Split | None, str]:
+    """(train, val, where validation comes from): a val/ folder as it is; val_size=0 validates on the
+    test split; otherwise val_size images held out from training, stratified by class."""
+    if val is not None:
+        return train, val, f"{root / 'val'} ({len(val):,} images)"
+    if val_size == 0:
+        return train, test, ("the test split (dataset.val_size=0: training on every training image)"
+                             if test is not None else "none")
+    n_val = resolve_val_size(val_size, len(train))
+    train_idx, val_idx = stratified_split(train.labels, n_val, split_seed)
+    source = f"{n_val:,} images held out from the training split (stratified, dataset.split_seed={split_seed})"
+    return train.subset(train_idx), train.subset(val_idx), source
+
+
+def _channel_stats_of(train: Split, image_size: int, split_seed: int, num_workers: int) -> tuple[list, list]:
+    """Per-channel mean and std of the training images (streamed ones: estimated from 2,000 of them)."""
+    images = train.images
+    if images is None:
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))[:2000]
+        images = decode_all([train.samples[i] for i in pick.tolist()], image_size, num_workers)
+    return channel_stats(images)
 
 
 def _fmt(values: Sequence[float]) -> str:
