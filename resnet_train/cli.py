@@ -48,7 +48,7 @@ def run_command(command: Callable[[], Any]) -> Any:
     except Refused as refused:
         _exit(str(refused.error), refused.error.exit_code)
     except UserError as e:
-        prefix = "a sweep job failed (every job ran; see the summary above): " if sweep.swept_keys() else ""
+        prefix = "a sweep job failed: " if sweep.swept_keys() else ""  # (under Optuna: past max_failure_rate)
         _exit(f"{prefix}{e}", e.exit_code)
     except (HydraException, OmegaConfBaseException) as e:
         _exit(str(hydra_error(e)), 2)

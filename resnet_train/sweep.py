@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,31 +64,49 @@ class SweepSummary(Callback):
     jobs last with their error); after the last job the table is printed as markdown."""
 
     COLUMNS = ("job", "overrides", "status", "best_val_accuracy", "test_accuracy", "best_epoch", "epochs",
-               "wall_seconds", "error", "job_dir")
+               "wall_seconds", "error", "job_dir")  # (job_status.json also names its sweep: "sweep", the id)
 
     def __init__(self) -> None:
         self.printed = False
+        self.failed_here = 0  # this process's jobs that failed with a user error
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from . import distributed
         from .files import write_json
 
         swept, jobs = sweep_plan(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
-        write_json(_sweep_dir(config) / "sweep.json", {"swept": swept, "jobs": jobs})
+        if distributed.from_environment().is_main:  # the id tells this sweep's jobs from a reused dir's older ones
+            write_json(_sweep_dir(config) / "sweep.json", {"swept": swept, "jobs": jobs, "id": uuid.uuid4().hex})
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
         from . import distributed
         from .errors import UserError
-        from .files import write_json
 
-        if str(config.hydra.mode) != "RunMode.MULTIRUN" or not distributed.from_environment().is_main:
+        if str(config.hydra.mode) != "RunMode.MULTIRUN":
             return
-        sweep_dir, job_dir = _sweep_dir(config), Path(config.hydra.runtime.output_dir).resolve()
-        info, metrics = _read_json(sweep_dir / "sweep.json"), _read_json(job_dir / "metrics.json")
+        info = _read_json(_sweep_dir(config) / "sweep.json")
         failed = job_return.status != JobStatus.COMPLETED
         error = getattr(job_return, "_return_value", None) if failed else None
+        if distributed.from_environment().is_main:
+            self._record(config, info, error if failed else None, failed)
+        if failed and info.get("jobs") and isinstance(error, UserError):
+            # The basic sweeper re-raises the first failed job's error after its batch of jobs, with a
+            # line of its own ("Error executing job with overrides: [...]") and naming that job only.
+            # A user error is recorded in the job's status, and the sweep reports every failed job in
+            # one line in on_multirun_end. (A bug keeps Hydra's path and its traceback; Optuna's
+            # sweeper counts failed trials against its max_failure_rate.)
+            self.failed_here += 1
+            job_return.status, job_return.return_value = JobStatus.COMPLETED, None
+
+    def _record(self, config: DictConfig, info: dict, error: BaseException | None, failed: bool) -> None:
+        """The job's job_status.json, the rebuilt summary, and the table after the last job."""
+        from .files import write_json
+
+        sweep_dir, job_dir = _sweep_dir(config), Path(config.hydra.runtime.output_dir).resolve()
+        metrics = _read_json(job_dir / "metrics.json")
         swept = [o for o in config.hydra.overrides.task if override_key(o) in info.get("swept", [])]
         write_json(job_dir / "job_status.json", {
             "job": config.hydra.job.num, "overrides": ",".join(swept) or job_dir.name,
@@ -95,39 +114,40 @@ class SweepSummary(Callback):
             **{k: metrics.get(k)
                for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs", "wall_seconds")},
             "error": (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if failed else "",
-            "job_dir": os.path.relpath(job_dir, sweep_dir),
+            "job_dir": os.path.relpath(job_dir, sweep_dir), "sweep": info.get("id"),
         })
-        rows = self._write_summary(sweep_dir)
+        rows = self._write_summary(sweep_dir, info.get("id"))
         if info.get("jobs") and len(rows) >= info["jobs"]:
             self._print(sweep_dir, rows)
-        if failed and info.get("jobs") and isinstance(error, UserError):
-            # The basic sweeper re-raises the first failed job's error after the last job, with a line
-            # of its own ("Error executing job with overrides: [...]") and naming that job only. A
-            # user error is recorded above, and the sweep reports every failed job in one line, in
-            # on_multirun_end. (A bug keeps Hydra's path and its traceback; Optuna's sweeper counts
-            # failed trials against its max_failure_rate.)
-            job_return.status, job_return.return_value = JobStatus.COMPLETED, None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from . import distributed
         from .errors import Refused, UserError
 
-        rows = self._write_summary(_sweep_dir(config))
+        if not distributed.from_environment().is_main:
+            if self.failed_here:
+                raise SystemExit(2)  # the first process reports the sweep's failures
+            return
+        sweep_dir = _sweep_dir(config)
+        info = _read_json(sweep_dir / "sweep.json")
+        rows = self._write_summary(sweep_dir, info.get("id"))
         if rows and not self.printed:
-            self._print(_sweep_dir(config), rows)
+            self._print(sweep_dir, rows)
         failed = [r for r in rows if r["status"] != "ok"]
-        if failed:
+        if failed and info.get("jobs"):  # (Optuna has judged its failed trials: max_failure_rate)
             first = failed[0]
             raise Refused(UserError(f"{len(failed)} of {len(rows)} sweep jobs failed (every job ran; see the summary "
                                     f"above); {'the first, ' if len(failed) > 1 else ''}{first['overrides']}: "
                                     f"{first['error']}"))
 
-    def _write_summary(self, sweep_dir: Path) -> list[dict]:
+    def _write_summary(self, sweep_dir: Path, sweep_id: str | None) -> list[dict]:
         from .files import atomic_write
 
         rows = [_read_json(p) for p in sweep_dir.glob("**/job_status.json")]
+        rows = [r for r in rows if sweep_id is None or r.get("sweep") == sweep_id]
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["best_val_accuracy"] or -1), r["job"]))
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.COLUMNS)
+        writer = csv.DictWriter(text, fieldnames=self.COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         if rows:

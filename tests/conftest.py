@@ -126,13 +126,15 @@ SITECUSTOMIZE = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory) -> Path:
-    """A folder for one test module's shared runs, removed when the module is done: the README's
+def module_tmp(tmp_path_factory, request) -> Path:
+    """A folder for one test module's shared runs, removed when the module's tests pass: the README's
     runs alone write ~5 GB (resnet50 checkpoints and exports), and a test suite should not fill the
     disk it runs on. (Each test's own `tmp_path` is removed when it passes: pyproject.toml.)"""
+    failed_before = request.session.testsfailed
     path = tmp_path_factory.mktemp("module")
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -88,6 +88,12 @@ def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, run_cli)
     assert result.stderr.strip().splitlines() == [
         "error: 1 of 3 sweep jobs failed (every job ran; see the summary above); "
         "optim.lr=nan: optim.lr=nan is invalid: expected a positive number"]
+    # the same sweep dir again: its summary and exit status are the new sweep's, not the old failed job's
+    again = run_cli("resnet-train", "-m", *BASE, f"dataset.root={cifar_root}", "optim.lr=0.03",
+                    "tensorboard.images=false", "hydra.sweep.dir=sweep")
+    assert_ok(again)
+    rows = list(csv.DictReader((run_cli.cwd / "sweep" / "summary.csv").open()))
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and "optim.lr=0.03" in rows[0]["overrides"]
 
 
 def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):

@@ -7,16 +7,18 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
 
 from .. import __version__
-from ..build import TrainedModel
 from ..config import arch_of
 from ..errors import ExportError, first_line
 from ..models import IMAGENET_FAMILY
+
+if TYPE_CHECKING:  # (build imports the data and training stack: not needed to read metadata)
+    from ..build import TrainedModel
 
 METADATA_KEY = "resnet_train"  # ONNX metadata_props key, TorchScript extra file name, safetensors header key
 METADATA_VERSION = 1
