@@ -506,7 +506,7 @@ def test_resnet_export_checks_parity_on_the_runs_images_and_predicts_like_the_ch
     result = user("resnet-export", "checkpoint=run", f"format={fmt}")
     assert_ok(result)
     path = user.cwd / "run" / {"onnx": "model.onnx", "torchscript": "model.ts", "state_dict": "state_dict.pt"}[fmt]
-    assert "exported the EMA weights" in result.stdout and "40 test images of the run" in result.stdout
+    assert "exported the EMA weights" in result.stdout and "model on 40 test images of the run: max" in result.stdout
     report = json.loads(export.parity_report_path(path).read_text())
     assert report["passed"] and report["images"] == 40 and report["max_abs_diff"] < ATOL
     assert report["top1_agreement"] == 1.0

@@ -60,7 +60,7 @@ def export_command(cfg: DictConfig) -> Path:
     print(f"exported the {weights} of {trained.path} ({metadata.arch}, {len(metadata.classes)} classes, "
           f"{metadata.image_size}px) as {cfg.format}: {path}")
     print(f"input: {metadata.input_description()}")
-    print(report.format().replace(" on ", f" on {source}: ", 1))
+    print(report.format(source))
     print(f"wrote {path}, {export.parity_report_path(path)}"
           + (f", {export.metadata_path(path)}" if cfg.format == "state_dict" else ""))
     return path

@@ -40,11 +40,13 @@ class ParityReport:
     rtol: float
     passed: bool
 
-    def format(self) -> str:
+    def format(self, images: str = "") -> str:
+        """The report in one line; `images` says where the images came from (default: how many)."""
         agreeing = round(self.top1_agreement * self.images)
         ties = f", {self.near_ties} near-tie(s)" if self.near_ties else ""
         tolerance = f"{self.atol:.0e}" + (f" + {self.rtol:.0e}·|logit|" if self.rtol else "")
-        return (f"parity of {self.file} ({self.fmt}, {self.runtime}) with the PyTorch model on {self.images} images: "
+        return (f"parity of {self.file} ({self.fmt}, {self.runtime}) with the PyTorch model on "
+                f"{images or f'{self.images} images'}: "
                 f"max |Δlogit| {self.max_abs_diff:.2e} (tolerance {tolerance}; logits up to "
                 f"{self.max_abs_logit:.3g}), mean {self.mean_abs_diff:.2e}, top-1 agreement "
                 f"{self.top1_agreement:.2%} ({agreeing}/{self.images}{ties}): {'passed' if self.passed else 'FAILED'}")
