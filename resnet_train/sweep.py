@@ -58,6 +58,34 @@ def sweep_plan(config: DictConfig) -> tuple[list[str], int | None]:
     return keys, size if basic else None
 
 
+def planned_job_dirs(config: DictConfig) -> list[Path]:
+    """The job dirs the basic sweeper will use, from the same expansion of the overrides it makes
+    ([] for other sweepers, whose jobs are not known up front, or a hydra.sweep.subdir of the user's)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
+    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")) or "swept_job_name" not in str(subdir):
+        return []
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+    return [_sweep_dir(config) / job_name(job) for batch in BasicSweeper.split_arguments(parsed, None)
+            for job in batch]
+
+
+def refuse_taken_job_dirs(config: DictConfig) -> None:
+    """A sweep whose job dir already holds a run (the same sweep into the same hydra.sweep.dir) is
+    refused before any job starts: Hydra would write the new job's config over the old run's, and
+    the job would log beside it. (A single run is refused the same way, by runs.claim_new_run_dir.)"""
+    from .errors import Refused, RunDirError
+
+    taken = [d for d in planned_job_dirs(config) if (d / "checkpoints" / "last.pt").exists()]
+    if taken:
+        more = f" (and {len(taken) - 1} more job dir(s))" if len(taken) > 1 else ""
+        raise Refused(RunDirError(f"{os.path.relpath(taken[0])} already holds a run{more}; choose a new "
+                                  "hydra.sweep.dir so nothing there is overwritten"))
+
+
 class SweepSummary(Callback):
     """After each job of a sweep: the job's status goes to <job dir>/job_status.json and
     <sweep dir>/summary.csv is rebuilt from all of them (best validation accuracy first, failed
@@ -76,6 +104,7 @@ class SweepSummary(Callback):
 
         swept, jobs = sweep_plan(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
+        refuse_taken_job_dirs(config)
         if distributed.from_environment().is_main:  # the id tells this sweep's jobs from a reused dir's older ones
             write_json(_sweep_dir(config) / "sweep.json", {"swept": swept, "jobs": jobs, "id": uuid.uuid4().hex})
 

@@ -94,6 +94,16 @@ def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, run_cli)
     assert_ok(again)
     rows = list(csv.DictReader((run_cli.cwd / "sweep" / "summary.csv").open()))
     assert len(rows) == 1 and rows[0]["status"] == "ok" and "optim.lr=0.03" in rows[0]["overrides"]
+    # the same sweep into the same dir: refused before any job starts, the earlier runs kept as they were
+    ok_run = run_cli.cwd / "sweep" / "optim.lr=0.05"
+    before = {p.name: p.stat().st_mtime_ns for p in ok_run.rglob("*") if p.is_file()}
+    result = run_cli("resnet-train", "-m", *BASE, f"dataset.root={cifar_root}", "optim.lr=0.05,nan,0.02",
+                     "tensorboard.images=false", "hydra.sweep.dir=sweep")
+    assert result.returncode == 2 and "Launching" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "error: sweep/optim.lr=0.05 already holds a run (and 1 more job dir(s)); choose a new hydra.sweep.dir "
+        "so nothing there is overwritten"]
+    assert {p.name: p.stat().st_mtime_ns for p in ok_run.rglob("*") if p.is_file()} == before
 
 
 def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):
