@@ -50,6 +50,8 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 def check_writable(path: Path) -> None:
     """StorageError now, before the work, if `path` could not be written later."""
     folder = _existing_parent(Path(path).parent)
+    if not folder.is_dir():  # e.g. output=model.pt/m.onnx: a file where a folder should be
+        raise StorageError(f"could not write {path}: {folder} is a file, not a folder")
     if _read_only_mount(folder):
         raise storage_error(Path(path), OSError(errno.EROFS, "Read-only file system"))
     if not os.access(folder, os.W_OK):

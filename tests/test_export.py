@@ -530,6 +530,15 @@ def test_resnet_export_errors_are_one_line(trained_run, tmp_path, monkeypatch):
     user = trained_run
     assert_one_error(user("resnet-export", "checkpoint=run", "format=tflite"), "format='tflite' is invalid")
     assert_one_error(user("resnet-export", "checkpoint=nowhere"), "no checkpoint at nowhere")
+    # the output: its suffix checked before the checkpoint is read (checkpoint=nowhere is not reached),
+    # a file where a folder should be named, a folder that is not there yet made
+    assert_one_error(user("resnet-export", "checkpoint=nowhere", "output=x.txt"),
+                     "output=x.txt: onnx files must end in .onnx")
+    (user.cwd / "file.pt").write_bytes(b"")
+    assert_one_error(user("resnet-export", "checkpoint=run", "output=file.pt/m.onnx"),
+                     "could not write file.pt/m.onnx: file.pt is a file, not a folder")
+    assert_ok(user("resnet-export", "checkpoint=run", "format=torchscript", "output=new/folder/m.ts"))
+    assert (user.cwd / "new" / "folder" / "m.ts").is_file()
     (user.cwd / "junk.onnx").write_bytes(b"not onnx")
     assert_one_error(user("resnet-predict", "model=junk.onnx", "inputs=[pets/test]"), "junk.onnx")
     assert_one_error(user("resnet-predict", "inputs=[pets/test]"), "give checkpoint=")

@@ -18,8 +18,8 @@ from .. import export
 from ..build import TrainedModel, load_data, model_from_checkpoint
 from ..config import is_number, positive_int
 from ..data import decode_resized
-from ..errors import ConfigError, UserError
-from ..files import check_writable
+from ..errors import ConfigError, ExportError, UserError
+from ..files import check_writable, storage_error
 from ..runs import run_dir_of
 
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts", "state_dict": "state_dict.pt"}
@@ -28,14 +28,23 @@ DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts", "state_dict": 
 def export_command(cfg: DictConfig) -> Path:
     """Export `cfg.checkpoint` as `cfg.format`, run the parity check, write its report beside the file."""
     _check(cfg)
+    if cfg.output:  # (before the checkpoint is read)
+        _check_output(cfg.format, Path(cfg.output).expanduser(), f"output={cfg.output}")
     trained = model_from_checkpoint(cfg.checkpoint, "cpu", "fp32", channels_last=False)
-    output = Path(cfg.output) if cfg.output else run_dir_of(trained.path) / DEFAULT_NAMES[cfg.format]
+    output = Path(cfg.output).expanduser() if cfg.output else run_dir_of(trained.path) / DEFAULT_NAMES[cfg.format]
     check_writable(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error(output, e) from None
     metadata = export.metadata_of(trained, cfg.include_preprocessing and cfg.format != "state_dict")
     images, source = parity_images(trained, cfg.parity_images)
     # Exported beside the output under a temporary name and moved into place only once it passed:
     # a failing export never replaces a good file, and a failed one is kept apart for a look.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as e:
+        raise storage_error(output, e) from None
     try:
         staged = export.export_model(trained.model, metadata, cfg.format, staging / output.name,
                                      include_preprocessing=cfg.include_preprocessing, opset=cfg.opset)
@@ -72,6 +81,15 @@ def _move_export(staged: Path, destination: Path, fmt: str) -> Path:
         os.replace(export.metadata_path(staged), export.metadata_path(destination))
     os.replace(staged, destination)
     return destination
+
+
+def _check_output(fmt: str, output: Path, shown: str) -> None:
+    """The output's suffix fits the format and its folder can be written: one line naming it."""
+    try:
+        export.check_format(fmt, output)
+    except ExportError as e:
+        raise ConfigError(str(e).replace(str(output), shown, 1)) from None
+    check_writable(output)
 
 
 def _check(cfg: DictConfig) -> None:

@@ -41,7 +41,7 @@ def export_model(model: nn.Module, metadata: ExportMetadata, fmt: str, output: s
     `include_preprocessing` applies to onnx and torchscript (a state dict is weights only), `opset`
     to onnx (default 18). The metadata written records whether preprocessing is included."""
     output = Path(output).expanduser()
-    _check_format(fmt, output)
+    check_format(fmt, output)
     model = inference_copy(model)
     _check_fits(model, metadata)
     metadata = replace(metadata, preprocessing_included=include_preprocessing and fmt != "state_dict")
@@ -63,12 +63,12 @@ def export_model(model: nn.Module, metadata: ExportMetadata, fmt: str, output: s
     return output
 
 
-def _check_format(fmt: str, output: Path) -> None:
+def check_format(fmt: str, output: Path) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
     if output.suffix.lower() not in SUFFIXES[fmt]:
         raise ExportError(f"{output}: {fmt} files must end in {' or '.join(SUFFIXES[fmt])} "
-                          "(load_exported tells formats apart by it)")
+                          "(resnet-predict and load_exported tell formats apart by it)")
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
