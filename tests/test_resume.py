@@ -1,6 +1,7 @@
 """Runs you can trust: kill -9 and resume gives bitwise the same run, Ctrl-C/SIGTERM stop cleanly,
 the natural resume command line is accepted, and bad checkpoints never damage a run dir."""
 
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -51,7 +52,7 @@ def reference_run(user) -> Path:
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_graceful_stop_saves_and_says_how_to_resume(reference_run, user, sig, code):
-    name = f"stopped-{sig.name}"
+    name = f"stopped {sig.name}"  # (a space: the printed command must paste into a shell as it is)
     run_dir = user.cwd / "runs" / name
     proc = user.popen("resnet-train", *RUN, f"hydra.run.dir=runs/{name}",
                       env={"RESNET_TRAIN_PAUSE_AT": "train_step@9", "RESNET_TRAIN_PAUSE_SECONDS": "5"})
@@ -59,11 +60,12 @@ def test_graceful_stop_saves_and_says_how_to_resume(reference_run, user, sig, co
     proc.send_signal(sig)  # while it waits after step 9: it stops after that step, mid-epoch 2
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, output
-    assert f"resnet-train resume=runs/{name}" in output and "Traceback" not in output  # relative, as typed
+    printed = next(line.strip() for line in output.splitlines() if line.strip().startswith("resnet-train "))
+    assert printed == "resnet-train " + shlex.quote(f"resume=runs/{name}") and "Traceback" not in output  # relative
     state = last_state(run_dir)
     assert state["global_step"] == 9 and state["epoch_progress"]["step"] == 3
     if sig == signal.SIGTERM:  # resume exactly as the message says, with the original command line too
-        assert_ok(user("resnet-train", *RUN, f"resume=runs/{name}"))
+        assert_ok(user("resnet-train", *RUN, *shlex.split(printed)[1:]))
         assert_same_final_state(reference_run, run_dir)
 
 

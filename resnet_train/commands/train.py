@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -107,7 +108,7 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
         log.warning(f"Stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step "
                     f"{state.global_step}; saved {checkpoints.path('last')}. Resume with:\n  "
                     + (f"torchrun --nproc_per_node={world.world_size} -m resnet_train" if world.enabled
-                       else "resnet-train") + f" resume={_shown(run_dir)}")
+                       else "resnet-train") + " " + shlex.quote(f"resume={_shown(run_dir)}"))
         raise SystemExit(128 + stop.signum) from None
     finally:
         logger.close()
