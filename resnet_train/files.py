@@ -51,7 +51,7 @@ def check_writable(path: Path) -> None:
     """StorageError now, before the work, if `path` could not be written later."""
     folder = _existing_parent(Path(path).parent)
     if not folder.is_dir():  # e.g. output=model.pt/m.onnx: a file where a folder should be
-        raise StorageError(f"could not write {path}: {folder} is a file, not a folder")
+        raise storage_error(Path(path), OSError(errno.ENOTDIR, "Not a directory"))
     if _read_only_mount(folder):
         raise storage_error(Path(path), OSError(errno.EROFS, "Read-only file system"))
     if not os.access(folder, os.W_OK):
@@ -65,7 +65,10 @@ def _read_only_mount(folder: Path) -> bool:
 def storage_error(path: Path, e: OSError | RuntimeError) -> StorageError:
     """One line that names the file and the reason (and how much room is left on a full disk)."""
     code = getattr(e, "errno", None)
-    free = shutil.disk_usage(_existing_parent(path)).free
+    folder = _existing_parent(Path(path).parent)
+    if not folder.is_dir():  # (mkdir says "File exists", open "Not a directory")
+        return StorageError(f"could not write {path}: {folder} is a file, not a folder")
+    free = shutil.disk_usage(folder).free
     # torch's zip writer reports a failed write as "enforce fail at inline_container.cc ...": full if little is left
     torch_write_failed = isinstance(e, RuntimeError) and "inline_container" in str(e) and free < 64 * 2**20
     if code in (errno.ENOSPC, errno.EDQUOT) or torch_write_failed:

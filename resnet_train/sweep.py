@@ -100,13 +100,17 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from . import distributed
+        from .errors import Refused, UserError
         from .files import write_json
 
         swept, jobs = sweep_plan(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
         refuse_taken_job_dirs(config)
         if distributed.from_environment().is_main:  # the id tells this sweep's jobs from a reused dir's older ones
-            write_json(_sweep_dir(config) / "sweep.json", {"swept": swept, "jobs": jobs, "id": uuid.uuid4().hex})
+            try:
+                write_json(_sweep_dir(config) / "sweep.json", {"swept": swept, "jobs": jobs, "id": uuid.uuid4().hex})
+            except UserError as e:  # (a sweep dir that cannot be written: Hydra would only warn, then crash)
+                raise Refused(e) from None
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus

@@ -129,6 +129,15 @@ def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):
                                                       f"summary above); batch_size=64: {rows[1]['error']}")
 
 
+def test_a_sweep_dir_that_cannot_be_written_is_one_line(run_cli):
+    (run_cli.cwd / "taken").write_text("a file, not a folder")
+    result = run_cli("resnet-train", "-m", *BASE, "optim.lr=0.05,0.02", "hydra.sweep.dir=taken")
+    assert result.returncode == 2 and "Launching" not in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"error: could not write {run_cli.cwd.resolve() / 'taken' / 'sweep.json'}: "
+        f"{run_cli.cwd.resolve() / 'taken'} is a file, not a folder"]
+
+
 def test_a_bug_in_a_sweep_job_keeps_its_traceback(cifar_root, tmp_path):
     """Only user errors become the sweep's one line; anything else is a bug and shows where it is."""
     hook = tmp_path / "bug_hook.py"
