@@ -81,7 +81,7 @@ def as_job(fn: Callable[..., Any], cfg: DictConfig, *args: Any) -> Any:
                 raise
             raise _out_of_memory(cfg) from None
     except UserError as e:
-        if not sweep.swept_keys():
+        if not sweep.in_sweep():
             raise Refused(e) from None
         log.error(f"error: {e}")
         raise

@@ -29,6 +29,13 @@ def swept_keys() -> list[str]:
     return [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
 
 
+def in_sweep() -> bool:
+    """Whether this process runs a job of a sweep (`-m`), even one of a single job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
 def job_name(task_overrides: list[str]) -> str:
     """A job's directory and TensorBoard run name: its values of the swept keys, in command-line
     order (`optim=adam,optim.lr=0.01`); the overrides every job shares are left out."""

@@ -129,6 +129,14 @@ def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):
                                                       f"summary above); batch_size=64: {rows[1]['error']}")
 
 
+def test_a_sweep_of_one_failing_job_still_writes_its_summary(run_cli):
+    result = run_cli("resnet-train", "-m", *BASE, "optim.lr=nan", "hydra.sweep.dir=one")
+    assert result.returncode == 2
+    rows = list(csv.DictReader((run_cli.cwd / "one" / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["failed"] and "optim.lr=nan is invalid" in rows[0]["error"]
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: 1 of 1 sweep jobs failed")
+
+
 def test_a_sweep_dir_that_cannot_be_written_is_one_line(run_cli):
     (run_cli.cwd / "taken").write_text("a file, not a folder")
     result = run_cli("resnet-train", "-m", *BASE, "optim.lr=0.05,0.02", "hydra.sweep.dir=taken")
