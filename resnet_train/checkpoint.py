@@ -90,6 +90,10 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
+    exported_metadata = path.with_name(path.name + ".metadata.json")  # (a state dict's, see export/)
+    if path.suffix.lower() in (".onnx", ".ts", ".safetensors") or exported_metadata.is_file():
+        raise CheckpointError(f"{path} is an exported model, not a checkpoint: predict with "
+                              f"resnet-predict model={path}, or give the run's checkpoint")
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         lacking = ", ".join(k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt)

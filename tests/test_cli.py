@@ -146,6 +146,9 @@ def test_val_size_zero_validates_on_the_test_split(cifar_root, run_cli):
     assert "validation on the test split" in result.stdout and "1,000 training images" in result.stdout
     metrics = metrics_of(run_cli.cwd / "run")
     assert metrics["val_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    evaluated = run_cli("resnet-eval", "checkpoint=run", "split=val", f"dataset.root={cifar_root}")
+    assert_ok(evaluated)
+    assert "val split = the test split (dataset.val_size=0): 500 images" in evaluated.stdout
 
 
 def test_cifar100_and_two_decoding_workers(tmp_path, image_folder_root, run_cli):

@@ -545,6 +545,8 @@ def test_resnet_export_errors_are_one_line(trained_run, tmp_path, monkeypatch):
     assert_ok(user("resnet-export", "checkpoint=run", "format=torchscript", "output=errors.ts"))
     assert_one_error(user("resnet-predict", "model=errors.ts", "inputs=[pets/test]", "device=cuda:7"),
                      "device=cuda:7", "apply to checkpoint=")
+    assert_one_error(user("resnet-eval", "checkpoint=errors.ts"), "errors.ts is an exported model, not a checkpoint",
+                     "predict with resnet-predict model=")
     # without the export extra: one line naming the pip command (onnx hidden from the subprocess)
     hidden = tmp_path / "hide"
     hidden.mkdir()

@@ -51,8 +51,10 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
                       desc=cfg.split, progress=run_cfg.progress)
 
     weights = "EMA weights" if trained.uses_ema else "weights"
+    split = f"{cfg.split} split" + (" = the test split (dataset.val_size=0)"
+                                    if cfg.split == "val" and data.val is data.test else "")
     print(f"checkpoint {checkpoint} ({weights} of epoch {ckpt.get('state', {}).get('epoch', '?')}), "
-          f"{cfg.split} split: {result.images:,} images on {describe(trained.device)}, precision "
+          f"{split}: {result.images:,} images on {describe(trained.device)}, precision "
           f"{trained.precision.name}, tta={run_cfg.tta}")
     print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.2%}"
           + (f"  top-5 accuracy {result.top5_accuracy:.2%}" if result.top5_accuracy is not None else "") + "\n")
