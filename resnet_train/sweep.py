@@ -51,33 +51,36 @@ OmegaConf.register_new_resolver("swept_job_name", lambda overrides: job_name(lis
 
 def sweep_plan(config: DictConfig) -> tuple[list[str], int | None]:
     """The keys a sweep varies (command-line order), and how many jobs the basic sweeper will run
-    (the product of the swept values' counts; None for sweepers such as Optuna, whose n_trials
-    decides)."""
+    (None for sweepers such as Optuna, whose n_trials decides)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    keys, size = [], 1
-    for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
-        if override.is_sweep_override():
-            keys.append(override.get_key_element().lstrip("+~"))
-            size *= len(list(override.sweep_string_iterator()))
+    keys = [o.get_key_element().lstrip("+~")
+            for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+            if o.is_sweep_override()]
     keys += [k for k in config.hydra.sweeper.get("params") or {} if k not in keys]  # e.g. Optuna's search space
-    basic = "BasicSweeper" in str(config.hydra.sweeper.get("_target_", ""))
-    return keys, size if basic else None
+    jobs = _basic_sweep_jobs(config)
+    return keys, None if jobs is None else len(jobs)
 
 
-def planned_job_dirs(config: DictConfig) -> list[Path]:
-    """The job dirs the basic sweeper will use, from the same expansion of the overrides it makes
-    ([] for other sweepers, whose jobs are not known up front, or a hydra.sweep.subdir of the user's)."""
+def _basic_sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, from the same expansion of hydra.sweeper.params and the command line
+    that the basic sweeper makes (None for other sweepers, whose jobs are not known up front)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
-    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")) or "swept_job_name" not in str(subdir):
-        return []
+    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+        return None
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-    return [_sweep_dir(config) / job_name(job) for batch in BasicSweeper.split_arguments(parsed, None)
-            for job in batch]
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def planned_job_dirs(config: DictConfig) -> list[Path]:
+    """The job dirs the basic sweeper will use ([] for other sweepers, or a hydra.sweep.subdir of
+    the user's)."""
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir", "")
+    jobs = _basic_sweep_jobs(config) if "swept_job_name" in str(subdir) else None
+    return [_sweep_dir(config) / job_name(job) for job in jobs or []]
 
 
 def refuse_taken_job_dirs(config: DictConfig) -> None:
@@ -131,7 +134,7 @@ class SweepSummary(Callback):
         failed = job_return.status != JobStatus.COMPLETED
         error = getattr(job_return, "_return_value", None) if failed else None
         if distributed.from_environment().is_main:
-            self._record(config, info, error if failed else None, failed)
+            self._record(config, info, error, failed)
         if failed and info.get("jobs") and isinstance(error, UserError):
             # The basic sweeper re-raises the first failed job's error after its batch of jobs, with a
             # line of its own ("Error executing job with overrides: [...]") and naming that job only.

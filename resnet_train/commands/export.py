@@ -28,8 +28,8 @@ DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts", "state_dict": 
 def export_command(cfg: DictConfig) -> Path:
     """Export `cfg.checkpoint` as `cfg.format`, run the parity check, write its report beside the file."""
     _check(cfg)
-    if cfg.output:  # (before the checkpoint is read)
-        _check_output(cfg.format, Path(cfg.output).expanduser(), f"output={cfg.output}")
+    if cfg.output:  # (its suffix, before the checkpoint is read)
+        _check_suffix(cfg.format, Path(cfg.output).expanduser(), f"output={cfg.output}")
     trained = model_from_checkpoint(cfg.checkpoint, "cpu", "fp32", channels_last=False)
     output = Path(cfg.output).expanduser() if cfg.output else run_dir_of(trained.path) / DEFAULT_NAMES[cfg.format]
     check_writable(output)
@@ -83,13 +83,12 @@ def _move_export(staged: Path, destination: Path, fmt: str) -> Path:
     return destination
 
 
-def _check_output(fmt: str, output: Path, shown: str) -> None:
-    """The output's suffix fits the format and its folder can be written: one line naming it."""
+def _check_suffix(fmt: str, output: Path, shown: str) -> None:
+    """The output's suffix fits the format, or one line naming it as typed (`shown`)."""
     try:
         export.check_format(fmt, output)
     except ExportError as e:
         raise ConfigError(str(e).replace(str(output), shown, 1)) from None
-    check_writable(output)
 
 
 def _check(cfg: DictConfig) -> None:
