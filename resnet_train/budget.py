@@ -9,20 +9,19 @@ validation, and the final test fit in the budget. The choice is stored in the ru
 
 from __future__ import annotations
 
-import copy
 import io
 import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from .data import Data, Loader
 from .device import Precision, synchronize
-from .engine import _forward_backward, _optimizer_step, evaluate
+from .engine import OptimizerStep
+from .evaluation import evaluate
 
 SAFETY = 0.03  # keep this share of the budget free: checkpoints, logging, timing noise
 
@@ -47,41 +46,30 @@ def epochs_within(budget: float, elapsed: float, timing: Timing, safety: float =
     return max(1, math.floor(left / timing.epoch_seconds))
 
 
-def measure(cfg: DictConfig, model: torch.nn.Module, data: Data, precision: Precision, device: torch.device,
-            wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
-            steps: int = 12, warmup: int = 4) -> Timing:
-    """Time `steps` training steps (after `warmup` untimed ones) and a few validation batches on
-    copies of the model and optimizer: the run itself is not touched. `wrap` does to the copy what
-    the run does to its model (DistributedDataParallel: the steps then include its all-reduce)."""
-    from .build import build_optimizer_and_scheduler, step_settings
-
-    k = cfg.accumulate_grad_batches
-    cfg = OmegaConf.merge(cfg, {"epochs": 1})  # (a schedule for the timing steps; they train a copy)
-    twin = copy.deepcopy(model)
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg, twin, max(len(data.train) // k, 1), device)
-    settings, scaler = step_settings(cfg, twin), precision.grad_scaler()
-    if settings.mixer is not None:
-        settings.mixer.set_epoch(0)
+def measure(step: OptimizerStep, eval_model: torch.nn.Module, data: Data, tta: str, steps: int = 12,
+            warmup: int = 4) -> Timing:
+    """Time `steps` optimizer steps (after `warmup` untimed ones) of `step` -- the run's step made on
+    a copy of its model (`eval_model`, wrapped as the run wraps its own: under DDP the steps include
+    the all-reduce) -- and a few validation batches: the run itself is not touched."""
+    k, device = step.settings.accumulate, next(eval_model.parameters()).device
+    if step.settings.mixer is not None:
+        step.settings.mixer.set_epoch(0)
     data.train.set_epoch(0)  # (epoch 0 is never trained: drawing from it changes nothing)
-    batches, trained = _endless(data.train), wrap(twin)
-    trained.train()
+    batches = _endless(data.train)
+    step.model.train()
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)
             start = time.perf_counter()
-        for micro in range(1, k + 1):
-            images, labels = next(batches)
-            _forward_backward(trained, images, labels, precision, scaler, settings, synchronize=micro == k,
-                              zero_grad=optimizer if micro == 1 else None)
-        _optimizer_step(trained, optimizer, scheduler, scaler, settings)
+        step(batches)
     synchronize(device)
     step_seconds = (time.perf_counter() - start) / steps
-    per_image = _eval_seconds_per_image(twin, data.val or data.test, precision, len(data.classes), cfg.tta)
-    evaluations = 2 if settings.ema is not None else 1
+    per_image = _eval_seconds_per_image(eval_model, data.val or data.test, step.precision, len(data.classes), tta)
+    evaluations = 2 if step.settings.ema is not None else 1
     val_images = data.val.num_images if data.val is not None else 0
     test_images = data.test.num_images if data.test is not None else 0
     return Timing(step_seconds, len(data.train) // k, per_image * val_images * evaluations, per_image * test_images,
-                  2 * _save_seconds(twin, optimizer, settings))
+                  2 * _save_seconds(step))
 
 
 def _endless(loader: Loader) -> Iterator:
@@ -90,11 +78,12 @@ def _endless(loader: Loader) -> Iterator:
         yield from loader
 
 
-def _save_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings) -> float:
+def _save_seconds(step: OptimizerStep) -> float:
     """Serializing what a checkpoint holds (written twice an epoch when it is the best: last.pt, best.pt)."""
     start = time.perf_counter()
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "ema": settings.ema.state_dict() if settings.ema is not None else None}
+    ema = step.settings.ema
+    state = {"model": step.model.state_dict(), "optimizer": step.optimizer.state_dict(),
+             "ema": ema.state_dict() if ema is not None else None}
     torch.save(state, io.BytesIO())
     return time.perf_counter() - start
 

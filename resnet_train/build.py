@@ -1,14 +1,14 @@
-"""A config turned into the objects of a run: device and precision, data, model, optimizer and
-schedule -- and `model_from_checkpoint`, the one way every command gets a trained model onto a
-device.
+"""A planned config turned into the objects of a run: data, model, the optimizer step (optimizer,
+schedule, EMA, ...) -- and `model_from_checkpoint`, the one way every command gets a trained model
+onto a device.
 
-Plain functions of a (checked) config; the commands call them in order.
+Plain functions of a (checked) config; the commands call them in order. The device and precision
+come from the plan (preflight.py, resolved by device.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import device as devices
 from . import distributed
+from .checkpoint import check_model_state, load_checkpoint, load_model_state, selected_weights
 from .config import arch_of, stem_of
-from .data import Augment, Data, Shard, build_data
+from .data import Augment, Batching, Data, DatasetSpec, Shard, build_data
 from .device import Precision
 from .ema import WeightEMA
-from .engine import StepSettings
-from .errors import ConfigError
+from .engine import OptimizerStep, StepSettings
+from .errors import ConfigError, UserError
 from .mixing import Mixer
 from .optim import Scheduler, build_optimizer
+from .runs import find_checkpoint
 
 log = logging.getLogger("resnet_train")
 
@@ -40,45 +42,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-def pick_device_and_precision(device: str, precision: str, local_rank: int = 0) -> tuple[torch.device, Precision]:
-    """The device to run on and the precision resolved *there* (a checkpoint's stored precision
-    is not reused: an fp16 GPU run evaluates in fp32 or bf16 on a CPU). With several processes
-    on a machine (`local_rank`), device=auto|cuda means each its own GPU."""
-    chosen = devices.pick_device(device)
-    if chosen.type == "cuda" and local_rank and device in ("auto", "cuda"):
-        chosen = devices.pick_device(f"cuda:{local_rank % devices.cuda_device_count()}")
-    return chosen, devices.Precision(devices.pick_precision(precision, chosen), chosen.type)
-
-
-def use_channels_last(setting: bool | str, device: torch.device) -> bool:
-    """channels_last=auto: on for CUDA and CPUs (faster convolutions), off on Apple MPS, where its
-    convolutions have been slower and, in some macOS versions, wrong."""
-    return device.type != "mps" if setting == "auto" else bool(setting)
-
-
-def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """cuDNN picks the fastest convolution algorithms for our static shapes (benchmark), unless the
-    run must be repeatable on the GPU (deterministic=true), which also asks torch and cuBLAS for
-    deterministic kernels."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-
-
 def load_data(cfg: DictConfig, device: torch.device, shard: Shard = Shard(), **overrides: Any) -> Data:
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    dataset.update(overrides)
+    """The run's data on `device` (this process's `shard` of it); `overrides` replace keys of the
+    dataset group (resnet-eval gives the checkpoint's normalization, resnet-export a stream)."""
+    dataset = DatasetSpec(**{**OmegaConf.to_container(cfg.dataset, resolve=True), **overrides})
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
-    augment["crop_scale"] = tuple(augment["crop_scale"])
+    batching = Batching(cfg.batch_size, cfg.eval_batch_size or 2 * cfg.batch_size,
+                        Augment(**{**augment, "crop_scale": tuple(augment["crop_scale"])}), cfg.seed, cfg.num_workers,
+                        devices.use_channels_last(cfg.channels_last, device))
     with distributed.local_main_first():  # one process per machine downloads, the others read its files
-        return build_data(
-            **dataset, augment=Augment(**augment), batch_size=cfg.batch_size,
-            eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-            device=device, seed=cfg.seed, num_workers=cfg.num_workers,
-            channels_last=use_channels_last(cfg.channels_last, device), shard=shard, log=log.info)
+        return build_data(dataset, batching, device, shard, log=log.info)
 
 
 def build_model(cfg: DictConfig, num_classes: int, device: torch.device,
@@ -91,14 +64,10 @@ def build_model(cfg: DictConfig, num_classes: int, device: torch.device,
         log.warning(f"model.pretrained: the weights' imagenet stem (7x7/2 conv + max-pool) shrinks "
                     f"{cfg.dataset.image_size}px images 4x before the first block; fine-tuning recipes resize "
                     "to dataset.image_size=224 (see experiment=finetune_resnet18)")
-    args = _model_args(cfg)
-    if stem == "auto" and not pretrained:
-        stem = "cifar" if cfg.dataset.image_size <= 64 else "imagenet"
     with distributed.local_main_first():  # ImageNet weights: fetched once per machine
-        model = _instantiate({**args, "stem": stem, "pretrained": pretrained}, num_classes=num_classes)
+        model = _instantiate({**_model_args(cfg), "stem": stem, "pretrained": pretrained}, num_classes=num_classes)
     cfg.model.stem = model.stem
-    memory_format = torch.channels_last if use_channels_last(cfg.channels_last, device) else torch.contiguous_format
-    return model.to(device, memory_format=memory_format)
+    return model.to(device, memory_format=devices.memory_format(cfg.channels_last, device))
 
 
 def _model_args(cfg: DictConfig) -> dict:
@@ -109,8 +78,6 @@ def _model_args(cfg: DictConfig) -> dict:
 def _instantiate(config: dict, **kwargs: Any) -> Any:
     """hydra's instantiate, with our own errors raised as themselves (Hydra wraps what the target raises)."""
     from hydra.errors import InstantiationException
-
-    from .errors import UserError
 
     try:
         return instantiate(config, **kwargs)
@@ -177,22 +144,24 @@ def check_buildable(cfg: DictConfig) -> None:
 def check_weights_fit(ckpt: dict, source: str) -> None:
     """The checkpoint's weights fit the model its own config describes (built on the meta device:
     no memory, no time), so a damaged or edited file is refused before any data is read."""
-    from .checkpoint import check_model_state
-
     cfg = OmegaConf.create(ckpt["config"])
     with torch.device("meta"):
         model = _instantiate({**_model_args(cfg), "pretrained": None}, num_classes=len(ckpt["classes"]))
     check_model_state(model, ckpt["model"], source)
 
 
-def step_settings(cfg: DictConfig, model: torch.nn.Module) -> StepSettings:
-    """How each optimizer step is made: label smoothing, accumulation, clipping, MixUp/CutMix, EMA
-    (of `model` as it is now: on its device, before any DDP or compile wrapper)."""
+def training_step(cfg: DictConfig, model: torch.nn.Module, precision: Precision, steps_per_epoch: int,
+                  device: torch.device) -> OptimizerStep:
+    """The run's optimizer step for `model` (on `device`, before any DDP or compile wrapper: wrap it
+    into `step.model` after restoring a checkpoint): optimizer and schedule, grad scaler, label
+    smoothing, accumulation, clipping, MixUp/CutMix, EMA."""
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, steps_per_epoch, device)
     mix = cfg.mix
     mixer = Mixer(mix.mixup_alpha, mix.cutmix_alpha, mix.prob, mix.switch_prob, cfg.seed)
     ema = WeightEMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
-    return StepSettings(cfg.label_smoothing, cfg.accumulate_grad_batches, cfg.grad_clip_norm,
-                        mixer if mixer.active else None, ema)
+    settings = StepSettings(cfg.label_smoothing, cfg.accumulate_grad_batches, cfg.grad_clip_norm,
+                            mixer if mixer.active else None, ema)
+    return OptimizerStep(model, optimizer, scheduler, precision, precision.grad_scaler(), settings)
 
 
 def wrap_for_training(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.nn.Module:
@@ -225,8 +194,6 @@ class TrainedModel:
 
     @property
     def uses_ema(self) -> bool:
-        from .checkpoint import selected_weights
-
         return selected_weights(self.checkpoint) is not self.checkpoint["model"]
 
 
@@ -236,13 +203,10 @@ def model_from_checkpoint(path: str | Path, device: str = "auto", precision: str
     precision and memory format resolved on that device, not taken from the training machine: a
     checkpoint written on cuda:3 in fp16 loads and runs on a CPU-only laptop. `loaded`: the
     file's contents when the caller has read it already."""
-    from .checkpoint import load_checkpoint, load_model_state, selected_weights
-    from .runs import find_checkpoint
-
-    path = find_checkpoint(str(path), "best.pt")
+    path = find_checkpoint(str(path), "best")
     ckpt = loaded if loaded is not None else load_checkpoint(path)
     cfg = OmegaConf.create(ckpt["config"])
-    torch_device, resolved = pick_device_and_precision(device, precision)
+    torch_device, resolved = devices.pick_device_and_precision(device, precision)
     cfg.channels_last = channels_last
     model = build_model(cfg, len(ckpt["classes"]), torch_device, load_pretrained=False)
     load_model_state(model, selected_weights(ckpt), str(path))

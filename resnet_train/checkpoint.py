@@ -26,9 +26,11 @@ from torch import nn
 
 from . import distributed, pause
 from .ema import WeightEMA
+from .engine import OptimizerStep
 from .errors import CheckpointError, TrainingDiverged
 from .files import atomic_write, storage_error
-from .fit import TrainState
+from .run_state import TrainState
+from .runs import checkpoint_file
 from .stored_config import in_current_schema
 
 REQUIRED_KEYS = ("model", "config", "classes")
@@ -185,16 +187,15 @@ def restore_rng_states(saved: list[dict] | dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
-def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     scaler: torch.amp.GradScaler, source: str, device: torch.device,
-                     ema: WeightEMA | None = None) -> TrainState:
-    """Put model, optimizer, scheduler, scaler and RNGs back where `ckpt` left them. The device and
-    precision may differ from the run's: a grad scaler starts fresh when the run had none (bf16
-    or fp32 before, fp16 now) and is dropped when this run needs none."""
+def restore_training(ckpt: dict, step: OptimizerStep, source: str, device: torch.device) -> TrainState:
+    """Put the step's model, optimizer, scheduler, scaler and EMA, and the RNGs, back where `ckpt`
+    left them. The device and precision may differ from the run's: a grad scaler starts fresh when
+    the run had none (bf16 or fp32 before, fp16 now) and is dropped when this run needs none."""
     missing = [k for k in ("optimizer", "scheduler", "scaler", "state", "rng") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{source} cannot be resumed: it lacks {', '.join(missing)}")
-    load_model_state(model, ckpt["model"], source)
+    optimizer, scheduler, scaler, ema = step.optimizer, step.scheduler, step.scaler, step.settings.ema
+    load_model_state(step.model, ckpt["model"], source)
     kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -215,12 +216,7 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimi
             raise CheckpointError(f"{source} cannot be resumed with ema.decay > 0: it holds no EMA weights")
         ema.load_state_dict(ckpt["ema"])
     restore_rng_states(ckpt["rng"], device)
-    return state_of(ckpt)
-
-
-def state_of(ckpt: dict) -> TrainState:
-    """The checkpoint's TrainState (checkpoints from before the test phase existed were tested)."""
-    return TrainState(**{"tested": True, **ckpt["state"]})
+    return TrainState.of_checkpoint(ckpt)
 
 
 class RunCheckpoints:
@@ -228,32 +224,35 @@ class RunCheckpoints:
     several processes only the first writes (`writer=True`); all read. Only finite state is ever
     written: a save after the weights or optimizer state became NaN/inf raises TrainingDiverged."""
 
-    def __init__(self, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, scaler: torch.amp.GradScaler, metadata: dict, device: torch.device,
-                 writer: bool = True, resumed_from: TrainState | None = None, ema: WeightEMA | None = None):
-        self.directory, self.writer, self.device = directory, writer, device
-        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
+    def __init__(self, run_dir: Path, step: OptimizerStep, metadata: dict, device: torch.device, writer: bool = True,
+                 resumed_from: TrainState | None = None):
+        self.run_dir, self.step, self.device, self.writer = run_dir, step, device, writer
         self.metadata = metadata  # config, classes, normalization, precision
         self.saved: TrainState | None = resumed_from  # what last.pt holds now
 
+    @property
+    def model(self) -> nn.Module:
+        return self.step.model
+
     def path(self, name: str) -> Path:
-        return self.directory / f"{name}.pt"
+        return checkpoint_file(self.run_dir, name)
 
     def save_last(self, state: TrainState) -> None:
-        bad = first_nonfinite(self.model, self.optimizer, self.ema)
+        step, ema = self.step, self.step.settings.ema
+        bad = first_nonfinite(step.model, step.optimizer, ema)
         if bad is not None:
             raise TrainingDiverged(f"the weights became NaN/inf by step {state.global_step} ({bad} is not finite); "
                                    "lower optim.lr or add scheduler.warmup_epochs")
         rng = gather_rng_states(self.device)
         if self.writer:
             atomic_save(on_cpu({
-                "model": unwrap(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
+                "model": unwrap(step.model).state_dict(),
+                "optimizer": step.optimizer.state_dict(),
+                "scheduler": step.scheduler.state_dict(),
+                "scaler": step.scaler.state_dict(),
                 "state": asdict(state),
                 "rng": rng,
-                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 **self.metadata,
             }), self.path("last"))
         self.saved = TrainState(**asdict(state))

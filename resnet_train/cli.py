@@ -25,24 +25,28 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from . import runs, sweep  # sweep registers the job-name resolver train.yaml uses
+from . import runs, sweep, world  # sweep registers the job-name resolver train.yaml uses
 from .composing import hydra_error
-from .config import CONFIG_MODULE, override_key
+from .config import CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PREDICT_KEYS, Key, override_key
 from .errors import Refused, UserError
 from .files import STORAGE_ERRNOS, storage_error
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
-STARTED = time.time()  # (time_budget counts from here: the command's own start, imports included)
+# time_budget counts from here: the command's own start, imports included. (A command run again in
+# the same process -- the tests' in-process runner -- sets it anew.)
+STARTED = time.time()
 log = logging.getLogger("resnet_train")
 
 
-def run_command(command: Callable[[], Any]) -> Any:
-    """Run a console script's body, turning user errors into one line and exit status 2."""
+def run_command(command: Callable[[], Any], program: str = "resnet-train", keys: dict[str, Key] = KEYS) -> Any:
+    """Run a console script's body, turning user errors into one line and exit status 2 (an unknown
+    key is named against `program`'s `keys`)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own several-line report
     logging.raiseExceptions = False  # a log line that cannot be written (full disk) is dropped, not a traceback
+    runs.forget_claims()
     try:
         return command()
     except Refused as refused:
@@ -51,7 +55,7 @@ def run_command(command: Callable[[], Any]) -> Any:
         prefix = "a sweep job failed: " if sweep.swept_keys() else ""  # (under Optuna: past max_failure_rate)
         _exit(f"{prefix}{e}", e.exit_code)
     except (HydraException, OmegaConfBaseException) as e:
-        _exit(str(hydra_error(e)), 2)
+        _exit(str(hydra_error(e, program, keys)), 2)
     except KeyboardInterrupt:
         _exit("interrupted", 130)
     except OSError as e:  # a full disk or read-only folder met outside our own writes (Hydra's, TensorBoard's)
@@ -118,13 +122,13 @@ def train_main() -> None:
 
 def _train_command(args: list[str]) -> None:
     args = runs.resume_arguments(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: agree on one run dir before Hydra makes one
+    this = world.from_environment()
+    if this.launcher == "torchrun":  # agree on one run dir before Hydra makes one (SLURM's jobs have theirs)
         from . import distributed
 
-        world = distributed.from_environment()
-        distributed.init_process_group(world)
+        distributed.init_process_group(this)
         stamp = distributed.broadcast_from_main(time.strftime("%Y-%m-%d/%H-%M-%S"))
-        args = runs.distributed_arguments(args, world.is_main, stamp)
+        args = runs.distributed_arguments(args, this.is_main, stamp)
     sys.argv[1:] = args
     _train_app()
 
@@ -133,7 +137,6 @@ def _train_command(args: list[str]) -> None:
 # resnet-eval
 # --------------------------------------------------------------------------------------------
 
-EVAL_KEYS = ("checkpoint", "split", "output")
 # resnet-eval's own keys go to Hydra (eval.yaml); every other KEY=VALUE is an override of the
 # checkpoint's training config, checked by composing it onto train.yaml.
 _training_overrides: list[str] = []
@@ -152,7 +155,7 @@ def eval_main() -> None:
     own = [a for a in args if a.startswith("-") or override_key(a) in EVAL_KEYS or a.startswith(("hydra.", "hydra/"))]
     _training_overrides[:] = [a for a in args if a not in own]
     sys.argv[1:] = own
-    run_command(_eval_app)
+    run_command(_eval_app, "resnet-eval", EVAL_KEYS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ def predict_main() -> None:
     """The `resnet-predict` console script. (`model=FILE` is passed on as model_file=FILE: Hydra
     would take `model=` for the training configs' model group.)"""
     sys.argv[1:] = [f"model_file={a[6:]}" if a.startswith("model=") else a for a in sys.argv[1:]]
-    run_command(_predict_app)
+    run_command(_predict_app, "resnet-predict", PREDICT_KEYS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def _export_app(cfg: DictConfig) -> None:
 
 def export_main() -> None:
     """The `resnet-export` console script."""
-    run_command(_export_app)
+    run_command(_export_app, "resnet-export", EXPORT_KEYS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,10 +3,13 @@ the override (an unknown option lists the choices, an unknown key suggests the c
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import copy
+import functools
+
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONFIG_MODULE, OPEN_GROUPS, unknown_key_message
+from .config import CONFIG_MODULE, KEYS, OPEN_GROUPS, Key, unknown_key_message
 from .errors import ConfigError
 
 
@@ -25,8 +28,20 @@ def compose_train(overrides: list[str]) -> DictConfig:
         raise hydra_error(e) from None
 
 
-def hydra_error(e: Exception) -> ConfigError:
-    """Hydra's multi-line composition errors as one line that names the override and the choices."""
+def train_defaults() -> DictConfig:
+    """train.yaml without overrides: what a key is when the command line leaves it alone (composed
+    once per process; every checkpoint read compares its config with it)."""
+    return OmegaConf.create(copy.deepcopy(_composed_defaults()))
+
+
+@functools.lru_cache(maxsize=1)
+def _composed_defaults() -> dict:
+    return OmegaConf.to_container(compose_train([]))
+
+
+def hydra_error(e: Exception, program: str = "resnet-train", keys: dict[str, Key] = KEYS) -> ConfigError:
+    """Hydra's multi-line composition errors as one line that names the override and the choices
+    (an unknown key: `program` has no such key, and the closest of its `keys`)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     text = str(e).strip()
@@ -40,16 +55,16 @@ def hydra_error(e: Exception) -> ConfigError:
     if text.startswith("Could not override '"):
         key = text.split("'")[1]
         value = text.split("use +", 1)[-1].split("=", 1)[-1].strip()
-        return ConfigError(_no_such_key(key, value))
+        return ConfigError(_no_such_key(key, value, program, keys))
     if text.startswith("Error merging override") and e.__cause__ is not None:
         cause = str(e.__cause__).strip().splitlines()[0]
         return ConfigError(f"{text.removeprefix('Error merging override ')}: {cause}")
     return ConfigError(text.split("\nConfig search path")[0].replace("\n", " ").strip())
 
 
-def _no_such_key(key: str, value: str) -> str:
+def _no_such_key(key: str, value: str, program: str, keys: dict[str, Key]) -> str:
     group = key.split(".")[0]
-    if group in OPEN_GROUPS and "." in key:
+    if keys is KEYS and group in OPEN_GROUPS and "." in key:
         return (f"{key}={value}: the chosen {group} has no argument {key.split('.', 1)[1]}; "
                 f"add a new constructor argument with +{key}={value}")
-    return unknown_key_message(key, value)
+    return unknown_key_message(key, value, program, keys)

@@ -1,8 +1,13 @@
-"""The config schema and its checks: every key a run understands, in one table.
+"""The config schema and its checks: every key a command understands, in one table per command,
+and every value an enumerated key may take.
 
 `KEYS` names each key of the composed training config with the test its value must pass and its
 role. Everything else is derived from it, never listed again: `validate` (types, ranges, unknown
 keys), `RESUMABLE` (keys a resumed run may change) and the HParams shown in TensorBoard.
+`EVAL_KEYS`, `PREDICT_KEYS` and `EXPORT_KEYS` are resnet-eval's, resnet-predict's and
+resnet-export's own keys (`check_values`), so their errors read like resnet-train's.
+The enumerations below (datasets, architectures, precisions, crops, policies, ...) are the only
+lists of their names: the modules that act on them import them from here.
 `composing.py` composes train.yaml with Hydra; `stored_config.py` compares a resume's command line
 with the run it continues.
 
@@ -26,8 +31,24 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError
 
 CONFIG_MODULE = "resnet_train.configs"
-CIFAR_FAMILY = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
+# The values an enumerated key may take (the first is the default where there is one)
+CIFAR_DATASETS = ("cifar10", "cifar100")
+DATASETS = (*CIFAR_DATASETS, "image_folder")
+CIFAR_IMAGE_SIZE = 32  # CIFAR is stored (and augmented) at 32px, whatever size the model sees
+LOADERS = ("auto", "memory", "stream")
+IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, with weights
+CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")  # He et al.'s CIFAR family
+STEMS = ("auto", "cifar", "imagenet")
 FREEZE_POINTS = ("none", "backbone", "stem", "layer1", "layer2", "layer3", "layer4")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CROPS = ("pad", "resized", "none")
+POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment")
+TTA_MODES = ("none", "flip", "flip_translate")
+EARLY_STOPPING_METRICS = ("val_accuracy", "val_loss")
+EVAL_SPLITS = ("test", "val")
+EXPORT_FORMATS = ("onnx", "torchscript", "state_dict")
+MIN_OPSET = 18  # the dynamo ONNX exporter's oldest opset
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +79,12 @@ def boolean(v: Any) -> bool:
 
 def one_of(*choices: Any) -> Callable[[Any], bool]:
     return lambda v: v in choices
+
+
+def either(choices: Iterable[Any]) -> str:
+    """`a, b or c`, as an error names the choices (booleans as typed: true, false)."""
+    names = [str(c).lower() if isinstance(c, bool) else str(c) for c in choices]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> Callable[[Any], bool]:
@@ -114,6 +141,12 @@ class Key:
     required: bool = True  # False: only checked where the chosen option has it (optimizer arguments)
 
 
+def choice(choices: Iterable[Any], **role: Any) -> Key:
+    """A key whose value is one of `choices`."""
+    choices = tuple(choices)
+    return Key(one_of(*choices), either(choices), **role)
+
+
 YES_NO = "true or false"
 KEYS: dict[str, Key] = {
     # the run
@@ -132,18 +165,18 @@ KEYS: dict[str, Key] = {
     "ema.decay": Key(number_in(0, 1), "a number in [0, 1) (0: off)", hparam="ema_decay"),
     "ema.warmup": Key(boolean, YES_NO),
     "ema.evaluate": Key(boolean, YES_NO),
-    "tta": Key(one_of("none", "flip", "flip_translate"), "none, flip or flip_translate", hparam="tta"),
+    "tta": choice(TTA_MODES, hparam="tta"),
     "grad_clip_norm": Key(optional(positive_number), "null or a positive number", hparam="grad_clip_norm"),
     "accumulate_grad_batches": Key(positive_int, "a positive integer", hparam="accumulate_grad_batches"),
     "early_stopping.patience": Key(non_negative_int, "a non-negative integer (0: off)"),
     "early_stopping.min_epochs": Key(non_negative_int, "a non-negative integer"),
-    "early_stopping.metric": Key(one_of("val_accuracy", "val_loss"), "val_accuracy or val_loss"),
+    "early_stopping.metric": choice(EARLY_STOPPING_METRICS),
     "early_stopping.min_delta": Key(number_in(0, math.inf), "a number >= 0"),
     "resume": Key(optional(lambda v: isinstance(v, str) and v != ""), "a checkpoint, a run dir or latest"),
     # where and how fast it runs
     "device": Key(lambda v: isinstance(v, str), "auto, cpu, cuda, cuda:N or mps", resumable=True),
-    "precision": Key(one_of("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16", resumable=True),
-    "channels_last": Key(one_of("auto", True, False), "auto, true or false", resumable=True),
+    "precision": choice(PRECISIONS, resumable=True),
+    "channels_last": choice(("auto", True, False), resumable=True),
     "compile": Key(boolean, YES_NO, resumable=True),
     "deterministic": Key(boolean, YES_NO, resumable=True),
     "num_workers": Key(non_negative_int, "a non-negative integer", resumable=True),
@@ -156,15 +189,14 @@ KEYS: dict[str, Key] = {
     "tensorboard.mistakes": Key(non_negative_int, "a non-negative integer", resumable=True),
     # the model
     "model._target_": Key(lambda v: isinstance(v, str), "a model factory", hparam="model"),
-    "model.stem": Key(one_of("auto", "cifar", "imagenet"), "auto, cifar or imagenet", hparam="stem"),
+    "model.stem": choice(STEMS, hparam="stem"),
     "model.dropout": Key(number_in(0, 1), "a number in [0, 1)", hparam="dropout"),
     "model.zero_init_residual": Key(boolean, YES_NO),
     "model.pretrained": Key(optional(lambda v: isinstance(v, str) and v != ""), "null, imagenet or a file path"),
     "model.freeze": Key(one_of(*FREEZE_POINTS), "none, backbone, stem or layer1..layer4"),
     "model.sync_bn": Key(boolean, YES_NO),
     # the data
-    "dataset.name": Key(one_of("cifar10", "cifar100", "image_folder"), "cifar10, cifar100 or image_folder",
-                        hparam="dataset"),
+    "dataset.name": choice(DATASETS, hparam="dataset"),
     "dataset.root": Key(lambda v: isinstance(v, str) and v != "", "a directory path", resumable=True),
     "dataset.download": Key(boolean, YES_NO, resumable=True),
     "dataset.image_size": Key(lambda v: is_int(v) and v >= 8, "an integer >= 8 (pixels)", hparam="image_size"),
@@ -174,14 +206,13 @@ KEYS: dict[str, Key] = {
     "dataset.val_size": Key(lambda v: non_negative_int(v) or (isinstance(v, float) and 0 < v < 1),
                             "a count >= 0 or a fraction between 0 and 1"),
     "dataset.split_seed": Key(non_negative_int, "a non-negative integer"),
-    "dataset.loader": Key(one_of("auto", "memory", "stream"), "auto, memory or stream", resumable=True),
+    "dataset.loader": choice(LOADERS, resumable=True),
     # augmentation (training batches only)
-    "augment.crop": Key(one_of("pad", "resized", "none"), "pad, resized or none"),
+    "augment.crop": choice(CROPS),
     "augment.crop_padding": Key(non_negative_int, "a non-negative integer (pixels)"),
     "augment.crop_scale": Key(area_range, "[min, max] shares of the image area, 0 < min <= max <= 1"),
     "augment.hflip": Key(boolean, YES_NO),
-    "augment.policy": Key(one_of("none", "trivialaugment", "randaugment", "autoaugment"),
-                          "none, trivialaugment, randaugment or autoaugment", hparam="augment"),
+    "augment.policy": choice(POLICIES, hparam="augment"),
     "augment.num_ops": Key(lambda v: is_int(v) and 1 <= v <= 14, "an integer in 1..14"),
     "augment.magnitude": Key(lambda v: is_int(v) and 0 <= v <= 30, "an integer in 0..30 (a magnitude bin)"),
     "augment.color_jitter": Key(number_in(0, 1), "a number in [0, 1) (0: off)"),
@@ -208,6 +239,44 @@ CHOSEN_GROUPS = ("model", "dataset", "optim", "scheduler")  # keys differ betwee
 OPEN_GROUPS = ("optim", "scheduler")  # any constructor argument may be added (+optim.betas=...)
 RESUMABLE = frozenset(k for k, v in KEYS.items() if v.resumable)
 
+
+def text(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def paths(v: Any) -> bool:
+    """A file or folder, or a list of them."""
+    return text(v) or (isinstance(v, list) and bool(v) and all(text(x) for x in v))
+
+
+# The other commands' own keys. (resnet-eval's other KEY=VALUEs are keys of the training config.)
+A_CHECKPOINT = "a checkpoint file or a run dir"
+EVAL_KEYS: dict[str, Key] = {
+    "checkpoint": Key(text, A_CHECKPOINT),
+    "split": choice(EVAL_SPLITS),
+    "output": Key(optional(text), "null or a file path"),
+}
+PREDICT_KEYS: dict[str, Key] = {
+    "checkpoint": Key(optional(text), f"null, {A_CHECKPOINT}"),
+    "model_file": Key(optional(text), "null or an exported model file"),
+    "inputs": Key(paths, "a file or folder, or a list of them: inputs=[cat.png,photos/]"),
+    "topk": Key(positive_int, "a positive integer"),
+    "batch_size": Key(positive_int, "a positive integer"),
+    "output": Key(text, "a file path"),
+    "device": KEYS["device"],
+    "precision": KEYS["precision"],
+}
+EXPORT_KEYS: dict[str, Key] = {
+    "checkpoint": Key(text, A_CHECKPOINT),
+    "format": choice(EXPORT_FORMATS),
+    "output": Key(optional(text), "null or a file path"),
+    "include_preprocessing": Key(boolean, YES_NO),
+    "opset": Key(optional(lambda v: is_int(v) and v >= MIN_OPSET), f"null or an integer >= {MIN_OPSET}"),
+    "parity_images": Key(positive_int, "a positive integer"),
+    "atol": Key(number_in(0, math.inf), "a number >= 0"),
+    "rtol": Key(number_in(0, math.inf), "a number >= 0"),
+}
+
 _ABSENT = object()
 
 
@@ -218,7 +287,22 @@ def validate(cfg: DictConfig, of_stored_run: bool = False) -> None:
     for path, value in leaves(cfg).items():
         if path not in KEYS and path.split(".")[0] not in OPEN_GROUPS:
             raise ConfigError(unknown_key_message(path, value))
-    for path, key in KEYS.items():
+    check_values(cfg, KEYS)
+    for group in OPEN_GROUPS:  # arguments without a rule still must be numbers, booleans or lists of them
+        for name, value in cfg[group].items():
+            items = value if OmegaConf.is_list(value) else [value]
+            if not name.startswith("_") and not all(is_number(v) or isinstance(v, bool) for v in items):
+                raise ConfigError(f"{group}.{name}={value!r} is invalid: expected a finite number")
+    check_model_options(cfg, of_stored_run)
+    check_augment_sizes(cfg)
+    if cfg.epochs == "auto" and cfg.time_budget is None and not of_stored_run:
+        raise ConfigError("epochs=auto needs time_budget: time_budget=10m epochs=auto trains as many epochs as "
+                          "fit in 10 minutes")
+
+
+def check_values(cfg: DictConfig, keys: dict[str, Key]) -> None:
+    """Raise ConfigError naming the first key of `keys` that is missing or whose value fails its test."""
+    for path, key in keys.items():
         try:
             value = OmegaConf.select(cfg, path, default=_ABSENT, throw_on_missing=True)
         except OmegaConfBaseException:
@@ -232,16 +316,6 @@ def validate(cfg: DictConfig, of_stored_run: bool = False) -> None:
         if not key.test(value):
             shown = "null" if value is None else repr(value)  # (as it is typed on the command line)
             raise ConfigError(f"{path}={shown} is invalid: expected {key.expected}")
-    for group in OPEN_GROUPS:  # arguments without a rule still must be numbers, booleans or lists of them
-        for name, value in cfg[group].items():
-            items = value if OmegaConf.is_list(value) else [value]
-            if not name.startswith("_") and not all(is_number(v) or isinstance(v, bool) for v in items):
-                raise ConfigError(f"{group}.{name}={value!r} is invalid: expected a finite number")
-    check_model_options(cfg, of_stored_run)
-    check_augment_sizes(cfg)
-    if cfg.epochs == "auto" and cfg.time_budget is None and not of_stored_run:
-        raise ConfigError("epochs=auto needs time_budget: time_budget=10m epochs=auto trains as many epochs as "
-                          "fit in 10 minutes")
 
 
 def leaves(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -259,10 +333,10 @@ def leaves(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def unknown_key_message(path: str, value: Any) -> str:
-    close = difflib.get_close_matches(path, KEYS, n=1)
-    hint = f"; did you mean {close[0]}?" if close else "; `resnet-train --help` lists the keys"
-    return f"{path}={value}: resnet-train has no key {path}{hint}"
+def unknown_key_message(path: str, value: Any, program: str = "resnet-train", keys: Iterable[str] = KEYS) -> str:
+    close = difflib.get_close_matches(path, list(keys), n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; `{program} --help` lists the keys"
+    return f"{path}={value}: {program} has no key {path}{hint}"
 
 
 def arch_of(cfg: DictConfig | dict) -> str:
@@ -273,10 +347,10 @@ def arch_of(cfg: DictConfig | dict) -> str:
 def check_model_options(cfg: DictConfig, of_stored_run: bool = False) -> None:
     """What the model's family allows: ImageNet weights and a layer4 exist for resnet18..152 only."""
     arch = arch_of(cfg)
-    if arch in CIFAR_FAMILY and cfg.model.freeze == "layer4":
+    if arch in CIFAR_ARCHS and cfg.model.freeze == "layer4":
         raise ConfigError(f"model.freeze=layer4: {arch} has three stages (layer1..layer3)")
     pretrained = cfg.model.pretrained
-    if pretrained == "imagenet" and arch in CIFAR_FAMILY:
+    if pretrained == "imagenet" and arch not in IMAGENET_ARCHS:
         raise ConfigError(f"model.pretrained=imagenet: torchvision has ImageNet weights for resnet18..152, not {arch}")
     missing = pretrained not in (None, "imagenet") and not Path(pretrained).expanduser().is_file()
     if missing and not of_stored_run:
@@ -286,10 +360,15 @@ def check_model_options(cfg: DictConfig, of_stored_run: bool = False) -> None:
                           "leave model.stem=auto or set model.stem=imagenet")
 
 
+def stored_image_size(dataset: str, image_size: int) -> int:
+    """The size images are decoded to, kept and augmented at: CIFAR's own 32px (resized per batch
+    to the size the model sees), a folder's images at `image_size`."""
+    return CIFAR_IMAGE_SIZE if dataset in CIFAR_DATASETS else image_size
+
+
 def check_augment_sizes(cfg: DictConfig) -> None:
-    """Crop padding and the Cutout square against the images they apply to (CIFAR's are stored at
-    32px and augmented there, whatever size the model sees)."""
-    stored = 32 if cfg.dataset.name in ("cifar10", "cifar100") else cfg.dataset.image_size
+    """Crop padding and the Cutout square against the images they apply to (at their stored size)."""
+    stored = stored_image_size(cfg.dataset.name, cfg.dataset.image_size)
     for key in ("crop_padding", "cutout"):
         if cfg.augment[key] > stored:
             raise ConfigError(f"augment.{key}={cfg.augment[key]} is larger than the {stored}px images it applies to")

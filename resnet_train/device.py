@@ -1,4 +1,4 @@
-"""Which device to train on and in which precision.
+"""Which device to train on and in which precision, its memory format and backend settings.
 
 Every capability question goes through the small functions at the top (`cuda_available`, ...),
 the one seam tests mock to pretend a GPU or a CPU without bf16.
@@ -7,11 +7,13 @@ the one seam tests mock to pretend a GPU or a CPU without bf16.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 
 import torch
 
+from .config import PRECISIONS
 from .errors import DeviceError
 
 
@@ -75,9 +77,6 @@ def describe(device: torch.device) -> str:
     return {"mps": "mps (Apple GPU)", "cpu": "cpu"}.get(device.type, str(device))
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 def pick_precision(spec: str, device: torch.device) -> str:
     """Resolve `auto` to what runs fastest and safely on `device`; check explicit choices."""
     if spec not in PRECISIONS:
@@ -112,6 +111,38 @@ class Precision:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not."""
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+def pick_device_and_precision(device: str, precision: str, local_rank: int = 0) -> tuple[torch.device, Precision]:
+    """The device to run on and the precision resolved *there* (a checkpoint's stored precision
+    is not reused: an fp16 GPU run evaluates in fp32 or bf16 on a CPU). With several processes
+    on a machine (`local_rank`), device=auto|cuda means each its own GPU."""
+    chosen = pick_device(device)
+    if chosen.type == "cuda" and local_rank and device in ("auto", "cuda"):
+        chosen = pick_device(f"cuda:{local_rank % cuda_device_count()}")
+    return chosen, Precision(pick_precision(precision, chosen), chosen.type)
+
+
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """channels_last=auto: on for CUDA and CPUs (faster convolutions), off on Apple MPS, where its
+    convolutions have been slower and, in some macOS versions, wrong."""
+    return device.type != "mps" if setting == "auto" else bool(setting)
+
+
+def memory_format(channels_last: bool | str, device: torch.device) -> torch.memory_format:
+    return torch.channels_last if use_channels_last(channels_last, device) else torch.contiguous_format
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN picks the fastest convolution algorithms for our static shapes (benchmark), unless the
+    run must be repeatable on the GPU (deterministic=true), which also asks torch and cuBLAS for
+    deterministic kernels. Set both ways: a later run in the same process gets its own setting."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
 
 
 def synchronize(device: torch.device) -> None:

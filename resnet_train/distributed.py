@@ -1,64 +1,28 @@
-"""Several processes, one model: who we are (torchrun or SLURM set the ranks), the process group,
-and the few collectives the loop needs.
+"""Several processes, one model: the process group, and the few collectives the loop needs.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under SLURM (e.g. Hydra's
-submitit launcher, which starts one task per GPU with srun) the same facts come from SLURM_PROCID /
-SLURM_STEP_NUM_TASKS / SLURM_LOCALID and the node list. Without either we are a single process
-and every function here is a no-op.
+Who each process is comes from `world.py` (torchrun's or SLURM's environment). Without several
+processes every function here is a no-op.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from . import world as worlds
+from .world import World
 
 
-def from_environment(env: dict[str, str] | None = None) -> Distributed:
-    env = dict(os.environ if env is None else env)
-    if int(env.get("WORLD_SIZE", "1")) > 1:  # torchrun
-        return Distributed(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")))
-    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # tasks of one srun step (submitit uses srun)
-        return Distributed(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
-                           int(env.get("SLURM_LOCALID", "0")))
-    return Distributed()
-
-
-def slurm_master(env: dict[str, str]) -> tuple[str, str]:
-    """MASTER_ADDR / MASTER_PORT for a SLURM step: the first node of the step, a port from the job id."""
-    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
-    first = nodes.split(",")[0]
-    match = re.match(r"([^\[]+)\[(\d+)", first)  # node[003-010,012] -> node003
-    host = match.group(1) + match.group(2) if match else first
-    return host, str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-
-
-def init_process_group(info: Distributed) -> None:
+def init_process_group(info: World) -> None:
     """Join the process group once: nccl for CUDA tensors (with gloo for CPU ones), gloo without GPUs."""
     if not info.enabled or dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ:  # SLURM without torchrun
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_master(dict(os.environ))
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = worlds.slurm_master(dict(os.environ))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
@@ -92,7 +56,7 @@ def gather_objects(value: Any) -> list[Any]:
 def local_main_first() -> Iterator[None]:
     """The first process of each machine runs the block first (a download, say) and the others
     after it, so they read its finished files instead of writing the same ones at once."""
-    first = from_environment().local_rank == 0
+    first = worlds.from_environment().local_rank == 0
     if not first:
         barrier()
     try:

@@ -1,7 +1,7 @@
 """User-facing errors: one base class, one line each.
 
 Every module raises a subclass of `UserError` for a problem the user can fix (a bad value, a
-missing file, a device that is not there). `cli.report_errors` is the one place that turns them
+missing file, a device that is not there). `cli.run_command` is the one place that turns them
 into an `error: <message>` line and exit status 2 -- for every command, and for one job of a
 sweep (which fails that job and lets the others run). Anything else is a bug and keeps its
 traceback.

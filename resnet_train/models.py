@@ -9,6 +9,7 @@ Two families share one `ResNet` class:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CIFAR_ARCHS, IMAGENET_ARCHS
 from .errors import ModelError
 
 Stem = Literal["cifar", "imagenet"]
@@ -189,8 +191,8 @@ def pretrained_state_dict(arch: str, source: str) -> dict[str, torch.Tensor]:
     if source == "imagenet":
         import torchvision
 
-        if arch not in IMAGENET_FAMILY:
-            raise ModelError(f"torchvision has no ImageNet weights for {arch}; use one of {', '.join(IMAGENET_FAMILY)}")
+        if arch not in IMAGENET_ARCHS:
+            raise ModelError(f"torchvision has no ImageNet weights for {arch}; use one of {', '.join(IMAGENET_ARCHS)}")
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         try:
@@ -233,45 +235,62 @@ def load_backbone(model: ResNet, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(theirs, strict=False)
 
 
-IMAGENET_WIDTHS = [64, 128, 256, 512]
-CIFAR_WIDTHS = [16, 32, 64]
-
-
 def stem_of_conv1(weight: torch.Tensor) -> Stem:
     """The stem a first convolution belongs to: 7x7 (stride 2, then max-pool) imagenet, 3x3 cifar."""
     return "imagenet" if weight.shape[-1] == 7 else "cifar"
 
 
-def _build(arch: str, block, layers, widths, shortcut: Shortcut, num_classes: int, stem: Stem | Literal["auto"],
-           dropout: float, zero_init_residual: bool, pretrained: str | None, freeze_upto: str) -> ResNet:
-    state = pretrained_state_dict(arch, pretrained) if pretrained else None
-    if stem == "auto":  # follow the weights: torchvision's have a 7x7 first convolution, CIFAR-style ones 3x3
-        stem = stem_of_conv1(state["conv1.weight"]) if state is not None and "conv1.weight" in state else "cifar"
-    model = ResNet(block, layers, widths, num_classes, stem, shortcut, dropout, zero_init_residual)
+@dataclass(frozen=True)
+class Architecture:
+    """One named ResNet: its blocks, blocks per stage, stage widths and shortcut kind."""
+
+    name: str
+    block: type[BasicBlock] | type[Bottleneck]
+    layers: tuple[int, ...]
+    widths: tuple[int, ...]
+    shortcut: Shortcut  # B: 1x1 projections (torchvision's); A: parameter-free (the CIFAR family)
+
+
+IMAGENET_WIDTHS, CIFAR_WIDTHS = (64, 128, 256, 512), (16, 32, 64)
+IMAGENET_LAYERS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
+                   "resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet101": (Bottleneck, (3, 4, 23, 3)),
+                   "resnet152": (Bottleneck, (3, 8, 36, 3))}
+ARCHITECTURE_OF = {
+    **{name: Architecture(name, *IMAGENET_LAYERS[name], IMAGENET_WIDTHS, "B") for name in IMAGENET_ARCHS},
+    # He et al. 2016, section 4.2: 6n+2 layers, n basic blocks in each of three stages
+    **{name: Architecture(name, BasicBlock, ((int(name.removeprefix("resnet")) - 2) // 6,) * 3, CIFAR_WIDTHS, "A")
+       for name in CIFAR_ARCHS},
+}
+
+
+def build(arch: Architecture, num_classes: int, stem: Stem | Literal["auto"], dropout: float = 0.0,
+          zero_init_residual: bool = False, pretrained: str | None = None, freeze_upto: str = "none") -> ResNet:
+    """`arch` with `num_classes` outputs; `pretrained` weights (imagenet or a file) for its backbone;
+    `stem="auto"` takes the stem of those weights' first convolution."""
+    state = pretrained_state_dict(arch.name, pretrained) if pretrained else None
+    if stem == "auto":
+        if state is None or "conv1.weight" not in state:
+            raise ModelError(f"model.stem=auto follows pretrained weights, and {pretrained or 'none'} has no conv1; "
+                             "set model.stem=cifar or imagenet")
+        stem = stem_of_conv1(state["conv1.weight"])
+    model = ResNet(arch.block, list(arch.layers), list(arch.widths), num_classes, stem, arch.shortcut, dropout,
+                   zero_init_residual)
     if state is not None:
         load_backbone(model, state, pretrained)
     freeze(model, freeze_upto)
     return model
 
 
-def _factory(arch: str, block, layers: list[int], widths: list[int], shortcut: Shortcut):
+def _factory(arch: Architecture):
+    """The model factory the model configs name (`_target_: resnet_train.models.resnet18`)."""
     def factory(num_classes: int = 10, stem: Stem | Literal["auto"] = "cifar", dropout: float = 0.0,
                 zero_init_residual: bool = False, pretrained: str | None = None, freeze: str = "none") -> ResNet:
-        return _build(arch, block, layers, widths, shortcut, num_classes, stem, dropout, zero_init_residual,
-                      pretrained, freeze)
-    factory.__name__ = factory.__qualname__ = arch
-    factory.__doc__ = f"{arch}: a ResNet with {sum(layers)} {block.__name__}s in {len(layers)} stages."
+        return build(arch, num_classes, stem, dropout, zero_init_residual, pretrained, freeze)
+    factory.__name__ = factory.__qualname__ = arch.name
+    factory.__doc__ = f"{arch.name}: a ResNet with {sum(arch.layers)} {arch.block.__name__}s in {len(arch.layers)} stages."
     return factory
 
 
-IMAGENET_FAMILY = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-                   "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
-                   "resnet152": (Bottleneck, [3, 8, 36, 3])}
-CIFAR_FAMILY = {f"resnet{d}": (BasicBlock, [(d - 2) // 6] * 3) for d in (20, 32, 44, 56, 110)}
-
-ARCHITECTURES = {
-    **{a: _factory(a, b, n, IMAGENET_WIDTHS, "B") for a, (b, n) in IMAGENET_FAMILY.items()},
-    **{a: _factory(a, b, n, CIFAR_WIDTHS, "A") for a, (b, n) in CIFAR_FAMILY.items()},
-}
-resnet18, resnet34, resnet50, resnet101, resnet152 = (ARCHITECTURES[a] for a in IMAGENET_FAMILY)
-resnet20, resnet32, resnet44, resnet56, resnet110 = (ARCHITECTURES[a] for a in CIFAR_FAMILY)
+ARCHITECTURES = {name: _factory(arch) for name, arch in ARCHITECTURE_OF.items()}
+resnet18, resnet34, resnet50, resnet101, resnet152 = (ARCHITECTURES[a] for a in IMAGENET_ARCHS)
+resnet20, resnet32, resnet44, resnet56, resnet110 = (ARCHITECTURES[a] for a in CIFAR_ARCHS)

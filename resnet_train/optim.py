@@ -1,7 +1,7 @@
 """Optimizer parameter groups and learning-rate schedules.
 
 A schedule is a plain function of the (fractional) epoch returning a factor of the base learning
-rate; `build_scheduler` wraps it with linear warmup in a `LambdaLR` stepped after every optimizer
+rate; `Scheduler` wraps it with linear warmup in a `LambdaLR` stepped after every optimizer
 step. `plateau` is the one schedule that also listens to the validation loss.
 """
 

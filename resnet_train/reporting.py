@@ -95,7 +95,7 @@ def mistakes_figure(images: torch.Tensor, labels: list[int], predicted: list[int
 
 @dataclass
 class ImageSettings:
-    """What RunLogger draws besides scalars."""
+    """What RunReporter draws besides scalars."""
 
     classes: list[str]
     mean: list[float] | None
@@ -105,7 +105,7 @@ class ImageSettings:
     histograms_every: int = 0  # epochs; 0: never
 
 
-class RunLogger:
+class RunReporter:
     """Console + TensorBoard + metrics.json for one training run."""
 
     def __init__(self, run_dir: Path, config_yaml: str, hparam_values: dict[str, Any], epochs: int,
@@ -210,8 +210,8 @@ class RunLogger:
         self.writer.close()
 
 
-class SilentLogger:
-    """The RunLogger of every process but the first when several train one model: they compute the
+class SilentReporter:
+    """The RunReporter of every process but the first when several train one model: they compute the
     same numbers, one writes them."""
 
     def __getattr__(self, name: str):

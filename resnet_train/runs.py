@@ -1,9 +1,11 @@
-"""Run directories: one run per directory (claimed and locked), finding a run's checkpoint, the
-command line that resumes a run in place, and torchrun's agreement on one directory.
+"""Run directories: what lies where in one (`checkpoint_file`, `run_dir_of`), one run per directory
+(claimed and locked), finding a run's checkpoint, the command line that resumes a run in place,
+and torchrun's agreement on one directory.
 
 A run directory is locked (`flock` on <run dir>/.lock) for as long as a process trains in it, by
 new runs and by `resume=` alike; the kernel drops the lock when the process ends, however it
-ends, so a killed run never blocks the next one. No torch here: these checks answer at once.
+ends, so a killed run never blocks the next one. The checks before a run that need more than the
+run directory are preflight.py's. No torch here: these checks answer at once.
 """
 
 from __future__ import annotations
@@ -14,19 +16,41 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from .composing import compose_train
-from .config import RESUMABLE, override_key, validate
-from .errors import CheckpointError, ConfigError, Refused, RunDirError, UserError
+from .config import override_key
+from .errors import CheckpointError, ConfigError, RunDirError
 from .files import remove_stale_temporaries
-from .stored_config import apply_command_line
 
 LOCK_NAME = ".lock"
+# What this command has claimed (one command per process; `forget_claims` starts over, as a new one).
 _held: dict[Path, int] = {}  # run dir -> the open lock file's descriptor, while this process holds it
 _restart: set[Path] = set()  # run dirs that `resume=` starts again (no checkpoint yet): may be reused
 _created: set[Path] = set()  # run dirs this process made (removed again if the run fails before training)
+
+
+def checkpoint_file(run_dir: Path, name: str = "last") -> Path:
+    """Where a run keeps checkpoint `name` (last, best)."""
+    return Path(run_dir) / "checkpoints" / f"{name}.pt"
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint file belongs to (<run dir>/checkpoints/<name>.pt)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run has trained far enough to be resumed (its last.pt is written)."""
+    return checkpoint_file(run_dir).exists()
+
+
+def forget_claims() -> None:
+    """Release every run dir this process holds and forget what it made: a console script starts
+    with this, so a command run again in the same process (the tests do) starts as a new process would."""
+    for run_dir in list(_held):
+        unlock(run_dir)
+    _restart.clear()
+    _created.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,10 +97,9 @@ def claim_new_run_dir(run_dir: Path, overrides: list[str]) -> None:
     contents = [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
     if not contents:
         return
-    if (run_dir / "checkpoints" / "last.pt").exists() or not (
-            run_dir in _restart or stored_overrides(run_dir) == _without_hydra(overrides)):
+    if has_checkpoint(run_dir) or not (run_dir in _restart or stored_overrides(run_dir) == _without_hydra(overrides)):
         unlock(run_dir)
-        has_run = (run_dir / "checkpoints" / "last.pt").exists()
+        has_run = has_checkpoint(run_dir)
         raise RunDirError(f"{run_dir} already holds " + ("a run" if has_run else "other files")
                           + "; choose a new hydra.run.dir so nothing there is overwritten"
                           + (f", or continue it with resume={run_dir}" if has_run else ""))
@@ -87,7 +110,8 @@ def start_again(run_dir: Path) -> None:
     """Clear what a run that died before its first checkpoint left (its TensorBoard events, partial
     files); its train.log is kept and appended to."""
     for path in run_dir.iterdir():
-        if path.name.startswith("events.out.tfevents") or path.name in ("metrics.json", "checkpoints"):
+        if path.name.startswith("events.out.tfevents") or path.name == "metrics.json" \
+                or path == checkpoint_file(run_dir).parent:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     remove_stale_temporaries(run_dir)
 
@@ -96,7 +120,7 @@ def discard_unstarted(run_dir: Path) -> None:
     """Remove what a new run made before failing, when it failed before training (bad data, say):
     the folder if this process created it, else the files Hydra wrote into it."""
     run_dir = Path(run_dir).resolve()
-    if (run_dir / "checkpoints").exists():
+    if checkpoint_file(run_dir).parent.exists():
         return
     unlock(run_dir)
     if run_dir in _created:
@@ -121,23 +145,21 @@ def _without_hydra(overrides: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def find_checkpoint(target: str, name: str = "last.pt") -> Path:
-    """A checkpoint file from a path to it, to its run dir, or `latest` (newest run under outputs/)."""
+def find_checkpoint(target: str, name: str = "last") -> Path:
+    """A checkpoint file from a path to it, to its run dir (its checkpoint `name`), or `latest` (the
+    newest run under outputs/)."""
     if target == "latest":
-        found = sorted(Path("outputs").glob(f"**/checkpoints/{name}"), key=lambda p: p.stat().st_mtime)
+        found = sorted(Path("outputs").glob(f"**/{checkpoint_file('', name)}"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise CheckpointError(f"resume=latest: no run with checkpoints/{name} under {Path('outputs').resolve()}")
+            raise CheckpointError(f"resume=latest: no run with {checkpoint_file('', name)} under "
+                                  f"{Path('outputs').resolve()}")
         return found[-1].resolve()
     path = Path(target).expanduser()
-    for candidate in (path, path / "checkpoints" / name, path / name):
+    in_run_dir = checkpoint_file(path, name)
+    for candidate in (path, in_run_dir, path / in_run_dir.name):
         if candidate.is_file():
             return candidate.resolve()
-    raise CheckpointError(f"no checkpoint at {path} (looked for {path}, {path / 'checkpoints' / name})")
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run directory a checkpoint file belongs to (<run dir>/checkpoints/<name>.pt)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    raise CheckpointError(f"no checkpoint at {path} (looked for {path}, {in_run_dir})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +184,7 @@ def resume_arguments(args: list[str]) -> list[str]:
     try:
         checkpoint = find_checkpoint(given[-1])
     except CheckpointError:
-        unstarted = stored_overrides(target) is not None and not (target / "checkpoints" / "last.pt").exists()
+        unstarted = stored_overrides(target) is not None and not has_checkpoint(target)
         if given[-1] != "latest" and unstarted:  # (it died before its first checkpoint)
             return _restart_arguments(target.resolve(), args)
         raise
@@ -192,82 +214,4 @@ def distributed_arguments(args: list[str], is_main: bool, stamp: str) -> list[st
     if is_main:
         return args
     return [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled",
-            "hydra.callbacks.check_before_run.enabled=false"]
-
-
-# --------------------------------------------------------------------------------------------
-# Before a run: every refusal that needs no data
-# --------------------------------------------------------------------------------------------
-
-RESUME_REFUSAL = ("a resumed run keeps its model, data and optimization; start a new run to change it "
-                  "(only where, how fast and how long it runs may change: see the README)")
-
-
-def plan_run(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict | None]:
-    """The config a run trains with, and the checkpoint it continues (`resume=`), after every check
-    that needs no data: the config's values, the resume command line against the run's own
-    config, the device and precision, the optimizer's and schedule's arguments. Refusals come
-    before a dataset is read or a run dir is touched."""
-    validate(cfg, of_stored_run=bool(cfg.resume))  # (before torch is imported: answers at once)
-    from .build import check_buildable, check_weights_fit, pick_device_and_precision
-    from .checkpoint import load_checkpoint
-
-    ckpt = None
-    if not cfg.resume and cfg.time_budget is not None and cfg.epochs != "auto":  # (a stored run has both)
-        raise ConfigError(f"time_budget={cfg.time_budget} picks the number of epochs: set epochs=auto with it")
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        check_weights_fit(ckpt, cfg.resume)
-        resumed = apply_command_line(ckpt["config"], OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
-                                     compose_train([]), overrides, RESUMABLE.__contains__, RESUME_REFUSAL)
-        resumed.resume = cfg.resume
-        validate(resumed, of_stored_run=True)
-        cfg = resumed
-    processes = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
-    if cfg.batch_size % processes:
-        raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) does not split evenly over "
-                          f"{processes} processes; use a multiple of {processes}")
-    pick_device_and_precision(cfg.device, cfg.precision)
-    check_buildable(cfg)
-    if ckpt is not None:
-        from .checkpoint import state_of
-
-        state = state_of(ckpt)
-        rule = cfg.early_stopping
-        if (rule.patience and state.tested and not state.stopped_early and state.epoch < cfg.epochs
-                and state.epoch >= rule.min_epochs and state.early_bad_epochs >= rule.patience):
-            raise ConfigError(f"{run_dir_of(Path(cfg.resume))}: early stopping would have ended this run after its "
-                              f"last epoch ({state.epoch}: no improvement of {rule.metric} for "
-                              f"{state.early_bad_epochs} epochs), so it is finished; start a new run to train more")
-        if state.finished(cfg.epochs) and state.stopped_early:
-            raise ConfigError(f"{run_dir_of(Path(cfg.resume))} was stopped early after epoch {state.stopped_early} "
-                              "(early_stopping) and is finished; start a new run to train more")
-        if state.finished(cfg.epochs):
-            raise ConfigError(f"{run_dir_of(Path(cfg.resume))} has finished all {state.epoch} epochs; resume "
-                              f"with epochs=N (N > {state.epoch}) to train longer")
-    return cfg, ckpt
-
-
-class CheckBeforeRun(Callback):
-    """Hydra callback, before Hydra creates the run dir or writes anything into it: plan the run
-    (all checks that need no data), then claim and lock the run dir -- a new run's must be empty,
-    a resumed run's must not be in use."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.enabled:
-            return
-        task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-        overrides = list(config.hydra.overrides.task)
-        run_dir = Path(config.hydra.run.dir)
-        try:
-            plan_run(task_cfg, overrides)
-            if task_cfg.resume:
-                lock(run_dir)
-                remove_stale_temporaries(run_dir)
-            else:
-                claim_new_run_dir(run_dir, overrides)
-        except UserError as e:  # Hydra would only warn about an exception raised here, and go on
-            raise Refused(e) from None
+            "hydra.callbacks.check_before_run.enabled=false"]  # (preflight.CheckBeforeRun)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .composing import compose_train
+from .composing import train_defaults
 from .config import CHOSEN_GROUPS, is_int, leaves, override_key
 from .errors import ConfigError
 
@@ -23,7 +23,7 @@ def in_current_schema(stored: dict) -> dict:
     config = OmegaConf.to_container(OmegaConf.create(stored))  # (a copy)
     if "augment" not in config and isinstance(config.get("dataset", {}).get("augment"), dict):
         config["augment"] = config["dataset"].pop("augment")
-    defaults = OmegaConf.to_container(compose_train([]))
+    defaults = OmegaConf.to_container(train_defaults())
     for key, default in defaults.items():
         if key == "hydra":
             continue

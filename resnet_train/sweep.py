@@ -19,7 +19,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from . import world
 from .config import override_key
+from .errors import Refused, RunDirError, UserError
+from .files import atomic_write, write_json
+from .runs import has_checkpoint
 
 SWEPT_KEYS_ENV = "RESNET_TRAIN_SWEPT_KEYS"
 
@@ -87,9 +91,8 @@ def refuse_taken_job_dirs(config: DictConfig) -> None:
     """A sweep whose job dir already holds a run (the same sweep into the same hydra.sweep.dir) is
     refused before any job starts: Hydra would write the new job's config over the old run's, and
     the job would log beside it. (A single run is refused the same way, by runs.claim_new_run_dir.)"""
-    from .errors import Refused, RunDirError
 
-    taken = [d for d in planned_job_dirs(config) if (d / "checkpoints" / "last.pt").exists()]
+    taken = [d for d in planned_job_dirs(config) if has_checkpoint(d)]
     if taken:
         more = f" (and {len(taken) - 1} more job dir(s))" if len(taken) > 1 else ""
         raise Refused(RunDirError(f"{os.path.relpath(taken[0])} already holds a run{more}; choose a new "
@@ -109,14 +112,10 @@ class SweepSummary(Callback):
         self.failed_here = 0  # this process's jobs that failed with a user error
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from . import distributed
-        from .errors import Refused, UserError
-        from .files import write_json
-
         swept, jobs = sweep_plan(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
         refuse_taken_job_dirs(config)
-        if distributed.from_environment().is_main:  # the id tells this sweep's jobs from a reused dir's older ones
+        if world.from_environment().is_main:  # the id tells this sweep's jobs from a reused dir's older ones
             try:
                 write_json(_sweep_dir(config) / "sweep.json", {"swept": swept, "jobs": jobs, "id": uuid.uuid4().hex})
             except UserError as e:  # (a sweep dir that cannot be written: Hydra would only warn, then crash)
@@ -125,15 +124,12 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
-        from . import distributed
-        from .errors import UserError
-
         if str(config.hydra.mode) != "RunMode.MULTIRUN":
             return
         info = _read_json(_sweep_dir(config) / "sweep.json")
         failed = job_return.status != JobStatus.COMPLETED
         error = getattr(job_return, "_return_value", None) if failed else None
-        if distributed.from_environment().is_main:
+        if world.from_environment().is_main:
             self._record(config, info, error, failed)
         if failed and info.get("jobs") and isinstance(error, UserError):
             # The basic sweeper re-raises the first failed job's error after its batch of jobs, with a
@@ -146,8 +142,6 @@ class SweepSummary(Callback):
 
     def _record(self, config: DictConfig, info: dict, error: BaseException | None, failed: bool) -> None:
         """The job's job_status.json, the rebuilt summary, and the table after the last job."""
-        from .files import write_json
-
         sweep_dir, job_dir = _sweep_dir(config), Path(config.hydra.runtime.output_dir).resolve()
         metrics = _read_json(job_dir / "metrics.json")
         swept = [o for o in config.hydra.overrides.task if override_key(o) in info.get("swept", [])]
@@ -164,10 +158,7 @@ class SweepSummary(Callback):
             self._print(sweep_dir, rows)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from . import distributed
-        from .errors import Refused, UserError
-
-        if not distributed.from_environment().is_main:
+        if not world.from_environment().is_main:
             if self.failed_here:
                 raise SystemExit(2)  # the first process reports the sweep's failures
             return
@@ -184,8 +175,6 @@ class SweepSummary(Callback):
                                     f"{first['error']}"))
 
     def _write_summary(self, sweep_dir: Path, sweep_id: str | None) -> list[dict]:
-        from .files import atomic_write
-
         rows = [_read_json(p) for p in sweep_dir.glob("**/job_status.json")]
         rows = [r for r in rows if sweep_id is None or r.get("sweep") == sweep_id]
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["best_val_accuracy"] or -1), r["job"]))

@@ -33,7 +33,7 @@ from torchvision import transforms as T
 
 from resnet_train import device as devices
 from resnet_train.data import Augment, BatchTransform, MemoryLoader, decode_all, list_image_folder
-from resnet_train.engine import train_one_epoch
+from resnet_train.engine import OptimizerStep, train_one_epoch
 from resnet_train.models import ARCHITECTURES
 from resnet_train.optim import Scheduler, cosine
 
@@ -97,11 +97,10 @@ def ours(args, images, labels, device, precision, channels_last, augment: Augmen
     n_warm = args.warmup * args.batch_size
     warm = MemoryLoader(images[:n_warm].to(device), labels[:n_warm].to(device), args.batch_size, transform, train=True)
     loader = MemoryLoader(images[:n].to(device), labels[:n].to(device), args.batch_size, transform, train=True)
-    sched = Scheduler(opt, cosine(10), len(loader))
-    scaler = precision.grad_scaler()
-    train_one_epoch(model, warm, opt, sched, precision, scaler, progress=False)
+    step = OptimizerStep(model, opt, Scheduler(opt, cosine(10), len(loader)), precision)
+    train_one_epoch(step, warm, progress=False)
     sync(device)
-    result, _ = train_one_epoch(model, loader, opt, sched, precision, scaler, log_every=50, progress=False)
+    result, _ = train_one_epoch(step, loader, progress=False)
     return result.images_per_second
 
 

@@ -17,13 +17,11 @@ import sys
 
 import torch
 
+from resnet_train.build import training_step
+from resnet_train.composing import compose_train
 from resnet_train.data import Augment, BatchTransform, MemoryLoader
 from resnet_train.device import Precision
-from resnet_train.ema import WeightEMA
-from resnet_train.engine import StepSettings, _forward_backward, _optimizer_step
-from resnet_train.mixing import Mixer
 from resnet_train.models import resnet20
-from resnet_train.optim import Scheduler, cosine
 
 OPTIONS = {
     "crop + flip": Augment(),
@@ -35,12 +33,14 @@ OPTIONS = {
 }
 
 
+# The step as a run builds it (build.training_step: on CUDA the fused optimizer), with every option on.
+RUN = ["model=resnet20", "optim.lr=0.05", "label_smoothing=0.1", "grad_clip_norm=1.0", "mix.mixup_alpha=0.2",
+       "mix.cutmix_alpha=1.0", "ema.decay=0.99", "epochs=2"]
+
+
 def steps_without_sync(augment: Augment, precision: Precision, device: torch.device, steps: int = 4) -> None:
     model = resnet20().to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    scheduler = Scheduler(optimizer, cosine(2), steps + 1)
-    scaler = precision.grad_scaler()
-    settings = StepSettings(0.1, 1, 1.0, Mixer(0.2, 1.0, 1.0, 0.5, seed=0), WeightEMA(model, 0.99))
+    step = training_step(compose_train(RUN), model, precision, steps + 1, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, ((steps + 1) * 64, 32, 32, 3), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, 10, ((steps + 1) * 64,), generator=g).to(device)
@@ -48,12 +48,12 @@ def steps_without_sync(augment: Augment, precision: Precision, device: torch.dev
     loader = MemoryLoader(images, labels, 64, transform, train=True)
     for epoch, check in enumerate((False, True)):  # a first pass fills the caches (op tables, mean/std)
         loader.set_epoch(epoch)
-        settings.mixer.set_epoch(epoch)
+        step.settings.mixer.set_epoch(epoch)
         torch.cuda.set_sync_debug_mode("error" if check else "default")
         try:
-            for x, y in loader:
-                _forward_backward(model, x, y, precision, scaler, settings, zero_grad=optimizer)
-                _optimizer_step(model, optimizer, scheduler, scaler, settings)
+            batches = iter(loader)
+            for _ in range(len(loader)):
+                step(batches)  # (the one optimizer step training makes)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

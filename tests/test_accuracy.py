@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import Runner, assert_ok, events, make_images, metrics_of
 from test_faults import kill, start_paused
 
-from resnet_train import budget, engine
+from resnet_train import budget, engine, evaluation
 from resnet_train.data import Augment, BatchTransform, MemoryLoader
 from resnet_train.device import Precision
 from resnet_train.ema import WeightEMA
@@ -91,14 +91,14 @@ def test_tta_logits_are_the_mean_over_the_views():
     x = torch.randn(6, 3, 8, 8)
     with torch.no_grad():
         model(x)
-        flip = engine.predict_logits(model, x, "flip")
+        flip = evaluation.predict_logits(model, x, "flip")
         torch.testing.assert_close(flip, (model(x) + model(x.flip(-1))) / 2)
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
         views = [x, padded[..., :8, :8], padded[..., 2:, 2:]]
         mirrored = [(model(v) + model(v.flip(-1))) / 2 for v in views]
-        torch.testing.assert_close(engine.predict_logits(model, x, "flip_translate"),
+        torch.testing.assert_close(evaluation.predict_logits(model, x, "flip_translate"),
                                    0.5 * mirrored[0] + 0.25 * (mirrored[1] + mirrored[2]))
-        assert torch.equal(engine.predict_logits(model, x, "none"), model(x))
+        assert torch.equal(evaluation.predict_logits(model, x, "none"), model(x))
 
 
 def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b():
@@ -113,9 +113,9 @@ def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b():
         loader.set_epoch(1)
         precision = Precision("fp32", "cpu")
         steps = len(loader) // accumulate
-        result, global_step = engine.train_one_epoch(
-            model, loader, opt, Scheduler(opt, constant(1), steps), precision, precision.grad_scaler(),
-            engine.StepSettings(accumulate=accumulate, grad_clip_norm=10.0), progress=False)
+        step = engine.OptimizerStep(model, opt, Scheduler(opt, constant(1), steps), precision,
+                                    settings=engine.StepSettings(accumulate=accumulate, grad_clip_norm=10.0))
+        result, global_step = engine.train_one_epoch(step, loader, progress=False)
         assert global_step == steps
         return model[1].weight.detach()
     torch.testing.assert_close(train(8, 4), train(32, 1), rtol=1e-5, atol=1e-6)

@@ -7,7 +7,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from resnet_train import optim as optim_module
-from resnet_train.build import build_model, build_optimizer_and_scheduler, pick_device_and_precision
+from resnet_train.build import build_model, build_optimizer_and_scheduler
+from resnet_train.device import pick_device_and_precision
 from resnet_train.config import stem_of, validate
 from resnet_train.errors import ConfigError, DeviceError
 

@@ -9,6 +9,8 @@ from resnet_train.data import (
     BatchTransform,
     DataError,
     MemoryLoader,
+    Batching,
+    DatasetSpec,
     build_data,
     crop_flip,
     draw_augmentation,
@@ -94,19 +96,21 @@ def test_memory_loader_order_depends_on_seed_and_epoch():
     assert g.initial_seed() == epoch_generator(1, 2, torch.device("cpu")).initial_seed()
 
 
-def common(**kw):
-    args = dict(image_size=32, mean=None, std=None, normalize=True, augment=Augment(),
-                val_size=0.2, split_seed=0, batch_size=32, eval_batch_size=64, device=torch.device("cpu"), seed=0,
-                num_workers=0, channels_last=True, log=lambda m: None)
-    args.update(kw)
-    return args
+def data_of(name: str, root, **kw):
+    """build_data with the dataset's and the batching's settings given as keywords (the tests' defaults)."""
+    spec = dict(image_size=32, mean=None, std=None, normalize=True, val_size=0.2, split_seed=0, loader="memory")
+    batching = dict(batch_size=32, eval_batch_size=64, augment=Augment(), seed=0, num_workers=0, channels_last=True)
+    for key, value in kw.items():
+        (spec if key in spec else batching)[key] = value
+    return build_data(DatasetSpec(name, str(root), **spec), Batching(**batching), torch.device("cpu"),
+                      log=lambda m: None)
 
 
 def test_cifar10_reads_the_python_batches(cifar_root, cifar_checksums):
     train, test, classes = load_cifar("cifar10", cifar_root, download=False)
     assert classes == CLASSES and len(train) == 1000 and len(test) == 500
     assert train.images.shape == (1000, 32, 32, 3) and train.images.dtype == torch.uint8
-    data = build_data("cifar10", str(cifar_root), **common(val_size=100, mean=MEAN, std=STD))
+    data = data_of("cifar10", cifar_root, val_size=100, mean=MEAN, std=STD)
     assert data.train.num_images == 900 and data.val.num_images == 100 and data.test.num_images == 500
     assert torch.bincount(data.val.labels).tolist() == [10] * 10
     x, y = next(iter(data.train))
@@ -114,7 +118,7 @@ def test_cifar10_reads_the_python_batches(cifar_root, cifar_checksums):
 
 
 def test_val_size_zero_validates_on_test(cifar_root, cifar_checksums):
-    data = build_data("cifar10", str(cifar_root), **common(val_size=0, mean=MEAN, std=STD))
+    data = data_of("cifar10", cifar_root, val_size=0, mean=MEAN, std=STD)
     assert data.val is data.test and data.train.num_images == 1000 and "test split" in data.val_source
 
 
@@ -126,31 +130,31 @@ def test_missing_cifar_without_download_says_how_to_provide_it(tmp_path):
 @pytest.mark.parametrize("loader", ["memory", "stream"])
 def test_image_folder_both_loaders_agree(tmp_path, loader):
     root = write_image_folder(tmp_path, {"train": 60, "val": 20, "test": 20}, num_classes=3)
-    data = build_data("image_folder", str(root), **common(loader=loader, batch_size=8))
+    data = data_of("image_folder", root, loader=loader, batch_size=8)
     assert data.classes == CLASSES[:3] and data.storage == loader
     assert data.train.num_images == 60 and data.val.num_images == 20 and data.test.num_images == 20
     test_x = torch.cat([x for x, _ in data.test])
-    ref = build_data("image_folder", str(root), **common(loader="memory", batch_size=8))
+    ref = data_of("image_folder", root, loader="memory", batch_size=8)
     torch.testing.assert_close(test_x, torch.cat([x for x, _ in ref.test]))
     assert len(data.mean) == 3 and all(0 < s < 1 for s in data.std)
 
 
 def test_image_folder_resizes_to_image_size(tmp_path):
     root = write_image_folder(tmp_path, {"train": 12}, num_classes=2, size=48)
-    data = build_data("image_folder", str(root), **common(image_size=24, val_size=0, batch_size=4))
+    data = data_of("image_folder", root, image_size=24, val_size=0, batch_size=4)
     assert next(iter(data.train))[0].shape == (4, 3, 24, 24)
 
 
 def test_image_folder_errors(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="no class folders"):
-        build_data("image_folder", str(tmp_path), **common())
+        data_of("image_folder", tmp_path)
     (tmp_path / "train" / "cat").mkdir()
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match="no images"):
-        build_data("image_folder", str(tmp_path), **common())
+        data_of("image_folder", tmp_path)
     with pytest.raises(DataError, match="does not exist"):
-        build_data("image_folder", str(tmp_path / "nowhere"), **common())
+        data_of("image_folder", tmp_path / "nowhere")
 
 
 def test_corrupt_image_is_named(tmp_path):
@@ -158,22 +162,22 @@ def test_corrupt_image_is_named(tmp_path):
     bad = root / "train" / CLASSES[0] / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match="broken.png"):
-        build_data("image_folder", str(root), **common(val_size=0, batch_size=4))
+        data_of("image_folder", root, val_size=0, batch_size=4)
 
 
 def test_auto_loader_streams_what_does_not_fit(tmp_path, monkeypatch):
     import resnet_train.data as data_module
     root = write_image_folder(tmp_path, {"train": 40}, num_classes=2)
-    assert build_data("image_folder", str(root), **common(loader="auto", batch_size=8)).storage == "memory"
+    assert data_of("image_folder", root, loader="auto", batch_size=8).storage == "memory"
     monkeypatch.setattr(data_module, "memory_budget_bytes", lambda device: 40 * 32 * 32 * 3 - 1)
-    assert build_data("image_folder", str(root), **common(loader="auto", batch_size=8)).storage == "stream"
+    assert data_of("image_folder", root, loader="auto", batch_size=8).storage == "stream"
 
 
 @pytest.mark.parametrize("loader", ["memory", "stream"])
 def test_skipping_batches_resumes_the_same_epoch(tmp_path, loader):
     """set_epoch(e, skip=k) yields exactly the batches k.. of the uninterrupted epoch e."""
     root = write_image_folder(tmp_path, {"train": 48}, num_classes=3)
-    train = build_data("image_folder", str(root), **common(loader=loader, val_size=0, batch_size=8)).train
+    train = data_of("image_folder", root, loader=loader, val_size=0, batch_size=8).train
     train.set_epoch(3)
     full = list(train)
     train.set_epoch(3, skip=2)
@@ -210,7 +214,7 @@ def test_folder_without_test_split_and_without_normalization(tmp_path, train_in_
     assert metrics["test_accuracy"] is None and metrics["best_val_accuracy"] is not None
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["normalization"]["mean"] is None and ckpt["config"]["dataset"]["mean"] is None
-    data = build_data("image_folder", str(root), **common(normalize=False, val_size=0, batch_size=8))
+    data = data_of("image_folder", root, normalize=False, val_size=0, batch_size=8)
     x, _ = next(iter(data.train))
     assert 0 <= x.min() and x.max() <= 1
 

@@ -9,7 +9,7 @@ from conftest import Runner, assert_ok, metrics_of
 from hydra import compose, initialize_config_module
 
 from resnet_train.data import Augment, BatchTransform, MemoryLoader, Shard
-from resnet_train.distributed import Distributed, from_environment, slurm_master
+from resnet_train.world import World, from_environment, slurm_master
 
 # A frozen backbone keeps BatchNorm in eval mode, so one process and two must agree up to float
 # rounding (with BatchNorm training, each process normalizes its half batch: model.sync_bn=true
@@ -24,12 +24,12 @@ def torchrun(runner: Runner, *args: str):
 
 
 def test_environment_gives_the_ranks():
-    assert from_environment({}) == Distributed()
-    assert from_environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == Distributed(3, 4, 1)
+    assert from_environment({}) == World()
+    assert from_environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1, "torchrun")
     slurm = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
              "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
-    assert from_environment(slurm) == Distributed(5, 8, 1)
-    assert from_environment({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == Distributed()  # a batch script, not srun
+    assert from_environment(slurm) == World(5, 8, 1, "slurm")
+    assert from_environment({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == World()  # a batch script, not srun
     assert slurm_master(slurm) == ("gpu07", str(20000 + 123456 % 20000))
     assert slurm_master({"SLURM_JOB_NODELIST": "a1,b2"})[0] == "a1"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_images
 
-from resnet_train import engine
+from resnet_train import engine, evaluation
 from resnet_train.data import Augment, BatchTransform, MemoryLoader
 from resnet_train.device import Precision
 from resnet_train.models import resnet20
@@ -30,10 +30,11 @@ def train_and_validate(precision: str, epochs: int = 2, lr: float = 0.05, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = Scheduler(opt, cosine(epochs), len(train))
     p = Precision(precision, "cpu")
+    step = engine.OptimizerStep(model, opt, sched, p)
     for epoch in range(1, epochs + 1):
         train.set_epoch(epoch)
-        result, _ = engine.train_one_epoch(model, train, opt, sched, p, p.grad_scaler(), progress=False, **kw)
-    return result, engine.evaluate(model, val, p, 10, progress=False)
+        result, _ = engine.train_one_epoch(step, train, progress=False, hooks=engine.EpochHooks(**kw))
+    return result, evaluation.evaluate(model, val, p, 10, progress=False)
 
 
 def test_bf16_trains_as_well_as_fp32():
@@ -68,8 +69,8 @@ def test_step_log_sees_the_warmup_learning_rate():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = Scheduler(opt, constant(1), len(train), warmup_epochs=1)
     logged = []
-    p = Precision("bf16", "cpu")
-    engine.train_one_epoch(model, train, opt, sched, p, p.grad_scaler(), log_every=5, progress=False,
-                           on_log=lambda step, loss, lr: logged.append(lr))
+    step = engine.OptimizerStep(model, opt, sched, Precision("bf16", "cpu"))
+    engine.train_one_epoch(step, train, progress=False,
+                           hooks=engine.EpochHooks(log_every=5, on_log=lambda step, loss, lr: logged.append(lr)))
     # lr after s steps of a 10-step linear warmup: 0.1 * min(1, (s + 1) / 10)
     assert logged == pytest.approx([0.06, 0.1])

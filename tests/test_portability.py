@@ -9,9 +9,9 @@ from conftest import Runner, assert_ok, make_images, metrics_of
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from resnet_train import device as devices
-from resnet_train import engine
-from resnet_train.build import configure_backends, pick_device_and_precision, use_channels_last
+from resnet_train import engine, evaluation
 from resnet_train.checkpoint import restore_rng_states, restore_training, rng_states
+from resnet_train.device import configure_backends, pick_device_and_precision, use_channels_last
 from resnet_train.data import Augment, BatchTransform, MemoryLoader
 from resnet_train.device import Precision
 from resnet_train.models import resnet20
@@ -43,9 +43,9 @@ def test_the_loop_never_makes_a_float64_tensor():
     precision = Precision("fp32", "cpu")
     train.set_epoch(1)
     with RecordDtypes() as recorded:
-        engine.train_one_epoch(model, train, opt, Scheduler(opt, cosine(1), len(train)), precision,
-                               precision.grad_scaler(), log_every=2, progress=False)
-        engine.evaluate(model, val, precision, 10, mistakes=4, progress=False)
+        step = engine.OptimizerStep(model, opt, Scheduler(opt, cosine(1), len(train)), precision)
+        engine.train_one_epoch(step, train, hooks=engine.EpochHooks(log_every=2), progress=False)
+        evaluation.evaluate(model, val, precision, 10, mistakes=4, progress=False)
     assert torch.float64 not in recorded.dtypes and torch.float32 in recorded.dtypes
 
 
@@ -114,10 +114,12 @@ def test_resume_accepts_a_grad_scaler_change_and_fewer_gpus():
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": {}, "state": {"epoch": 1}, "rng": [rng_states(torch.device("cpu"))]}
     fp16 = torch.amp.GradScaler("cpu", enabled=True)  # bf16/fp32 before (no scaler state), fp16 now
-    restore_training(ckpt, model, opt, sched, fp16, "ckpt", torch.device("cpu"))
+    cpu = torch.device("cpu")
+    restore_training(ckpt, engine.OptimizerStep(model, opt, sched, Precision("fp32", "cpu"), fp16), "ckpt", cpu)
     assert fp16.get_scale() == 65536.0
     ckpt["scaler"] = fp16.state_dict()  # fp16 before, bf16 now: the scaler state is not needed
-    restore_training(ckpt, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), "ckpt", torch.device("cpu"))
+    no_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    restore_training(ckpt, engine.OptimizerStep(model, opt, sched, Precision("bf16", "cpu"), no_scaler), "ckpt", cpu)
     old_format = {**rng_states(torch.device("cpu")), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 4}
     restore_rng_states(old_format, torch.device("cpu"))  # every GPU's state, restored where there is none
     restore_rng_states([rng_states(torch.device("cpu"))] * 3, torch.device("cpu"))  # more ranks than now
@@ -177,11 +179,11 @@ def test_gradient_histograms_show_unscaled_gradients(tmp_path):
     """Under fp16 the last step's gradients are multiplied by the loss scale; the histogram divides it out."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from resnet_train.reporting import ImageSettings, RunLogger
+    from resnet_train.reporting import ImageSettings, RunReporter
     model = torch.nn.Linear(3, 2)
     for p in model.parameters():
         p.grad = torch.full_like(p, 65536.0 * 0.5)
-    logger = RunLogger(tmp_path, "{}", {"lr": 0.1}, epochs=1,
+    logger = RunReporter(tmp_path, "{}", {"lr": 0.1}, epochs=1,
                        settings=ImageSettings(["a", "b"], None, None, images=False, histograms_every=1))
     logger.validation(7, 1, None, model, grad_scale=65536.0)
     logger.flush()

@@ -11,7 +11,7 @@ import torchvision
 from conftest import Runner, assert_ok, assert_one_error, write_image_folder
 
 from resnet_train import models
-from resnet_train.commands.summary import summarize
+from resnet_train.commands.summary import layer_rows
 from resnet_train.errors import ModelError
 from resnet_train.models import ARCHITECTURES
 from resnet_train.optim import param_groups
@@ -95,7 +95,7 @@ def test_optimizer_gets_only_trainable_params_and_a_scaled_backbone_lr():
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_summary_totals_equal_the_parameter_count(name):
     model = ARCHITECTURES[name](freeze="layer1")
-    rows = summarize(model, 32)
+    rows = layer_rows(model, 32)
     assert sum(r.params for r in rows) == sum(p.numel() for p in model.parameters())
     frozen = sum(r.params for r in rows if not r.trainable)
     assert frozen == sum(p.numel() for p in model.parameters() if not p.requires_grad) > 0
@@ -103,7 +103,7 @@ def test_summary_totals_equal_the_parameter_count(name):
 
 
 def test_summary_macs_match_the_known_resnet18_figure():
-    rows = summarize(models.resnet18(num_classes=1000, stem="imagenet"), 224)
+    rows = layer_rows(models.resnet18(num_classes=1000, stem="imagenet"), 224)
     assert sum(r.macs for r in rows) == pytest.approx(1.814e9, rel=1e-3)  # torchvision: 1.81 GFLOPS (MACs)
 
 

@@ -9,11 +9,11 @@ from omegaconf import DictConfig
 
 from ..build import load_data, model_from_checkpoint
 from ..checkpoint import check_classes, load_checkpoint
-from ..composing import compose_train
-from ..config import override_key, validate
+from ..composing import compose_train, train_defaults
+from ..config import EVAL_KEYS, check_values, override_key, validate
 from ..device import describe
-from ..engine import evaluate
 from ..errors import ConfigError, DataError
+from ..evaluation import evaluate
 from ..files import check_writable, write_json
 from ..runs import find_checkpoint, run_dir_of
 from ..stored_config import apply_command_line
@@ -26,12 +26,11 @@ MACHINE_KEYS = {"device": "auto", "precision": "auto", "channels_last": "auto", 
 def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
     """Evaluate `cfg.checkpoint` on `cfg.split`; `training_overrides` replace keys of the run's
     config (data location, device, batch size; not the model). Writes and returns the report."""
-    if cfg.split not in ("test", "val"):
-        raise ConfigError(f"split={cfg.split!r} is invalid: expected test or val")
-    checkpoint = find_checkpoint(cfg.checkpoint, "best.pt")
+    check_values(cfg, EVAL_KEYS)
+    checkpoint = find_checkpoint(cfg.checkpoint, "best")
     ckpt = load_checkpoint(checkpoint)
     run_cfg = apply_command_line({**ckpt["config"], **MACHINE_KEYS}, compose_train(training_overrides),
-                                 compose_train([]), training_overrides, lambda key: not key.startswith("model"),
+                                 train_defaults(), training_overrides, lambda key: not key.startswith("model"),
                                  "the model is fixed by the checkpoint")
     validate(run_cfg, of_stored_run=True)
     if any(override_key(o) == "ema.evaluate" for o in training_overrides):  # which weights: raw or EMA

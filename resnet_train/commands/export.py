@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from .. import export
 from ..build import TrainedModel, load_data, model_from_checkpoint
-from ..config import is_number, positive_int
+from ..config import EXPORT_KEYS, check_values
 from ..data import decode_resized
 from ..errors import ConfigError, ExportError, UserError
 from ..files import check_writable, storage_error
@@ -27,7 +27,7 @@ DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts", "state_dict": 
 
 def export_command(cfg: DictConfig) -> Path:
     """Export `cfg.checkpoint` as `cfg.format`, run the parity check, write its report beside the file."""
-    _check(cfg)
+    check_values(cfg, EXPORT_KEYS)
     if cfg.output:  # (its suffix, before the checkpoint is read)
         _check_suffix(cfg.format, Path(cfg.output).expanduser(), f"output={cfg.output}")
     trained = model_from_checkpoint(cfg.checkpoint, "cpu", "fp32", channels_last=False)
@@ -89,18 +89,6 @@ def _check_suffix(fmt: str, output: Path, shown: str) -> None:
         export.check_format(fmt, output)
     except ExportError as e:
         raise ConfigError(str(e).replace(str(output), shown, 1)) from None
-
-
-def _check(cfg: DictConfig) -> None:
-    if cfg.format not in export.FORMATS:
-        raise ConfigError(f"format={cfg.format!r} is invalid: expected one of {', '.join(export.FORMATS)}")
-    if not positive_int(cfg.parity_images):
-        raise ConfigError(f"parity_images={cfg.parity_images!r} is invalid: expected a positive integer")
-    for key in ("atol", "rtol"):
-        if not is_number(cfg[key]) or cfg[key] < 0:
-            raise ConfigError(f"{key}={cfg[key]!r} is invalid: expected a number >= 0")
-    if cfg.opset is not None and not (positive_int(cfg.opset) and cfg.opset >= export.MIN_OPSET):
-        raise ConfigError(f"opset={cfg.opset!r} is invalid: expected an integer >= {export.MIN_OPSET}")
 
 
 def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:

@@ -12,9 +12,10 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..build import model_from_checkpoint, use_channels_last
-from ..config import positive_int
+from ..build import model_from_checkpoint
+from ..config import PREDICT_KEYS, check_values
 from ..data import BatchTransform, decode_resized
+from ..device import use_channels_last
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, check_writable
 
@@ -100,10 +101,8 @@ def write_csv(path: Path, predictions: list[Prediction], topk: int) -> None:
 
 def predict(cfg: DictConfig) -> int:
     """Top-k predictions for files and folders; returns the exit status (1 if any input was unreadable)."""
+    check_values(cfg, PREDICT_KEYS)
     inputs = list(cfg.inputs) if OmegaConf.is_list(cfg.inputs) else [str(cfg.inputs)]
-    for key in ("topk", "batch_size"):
-        if not positive_int(cfg[key]):
-            raise ConfigError(f"{key}={cfg[key]!r} is invalid: expected a positive integer")
     if (cfg.checkpoint is None) == (cfg.model_file is None):
         raise ConfigError("give checkpoint=<run dir or .pt> or model=<exported .onnx/.ts/.pt file>, one of them")
     if cfg.model_file is not None and (cfg.device not in ("auto", "cpu") or cfg.precision not in ("auto", "fp32")):

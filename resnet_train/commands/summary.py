@@ -36,7 +36,7 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def summarize(model: nn.Module, image_size: int) -> list[LayerRow]:
+def layer_rows(model: nn.Module, image_size: int) -> list[LayerRow]:
     """One row per call of each leaf module during a forward pass of one image."""
     rows: list[LayerRow] = []
     seen: set[int] = set()  # parameters are counted at a module's first call only
@@ -98,7 +98,7 @@ def summary_table(args: list[str]) -> str:
     num_classes, image_size = model.fc.out_features, cfg.dataset.image_size
     header = (f"{arch_of(cfg)} ({cfg.model.stem} stem, {num_classes} classes, "
               f"model.freeze={cfg.model.freeze}), {image_size}x{image_size} input\n")
-    return header + format_table(summarize(model, image_size), model, image_size)
+    return header + format_table(layer_rows(model, image_size), model, image_size)
 
 
 def _num_classes(cfg: DictConfig) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shlex
@@ -13,27 +14,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import budget, distributed, pause, runs
-from ..build import (
-    build_model,
-    build_optimizer_and_scheduler,
-    configure_backends,
-    describe_model,
-    load_data,
-    pick_device_and_precision,
-    seed_everything,
-    step_settings,
-    use_channels_last,
-    wrap_for_training,
-)
+from .. import budget, distributed, pause, preflight, runs, world
+from ..build import build_model, describe_model, load_data, seed_everything, training_step, wrap_for_training
 from ..checkpoint import RunCheckpoints, check_classes, restore_training
 from ..config import duration_seconds, hparam_values
 from ..data import Data, Shard
-from ..device import Precision, describe
+from ..device import Precision, configure_backends, describe, use_channels_last
 from ..engine import TrainingInterrupted
 from ..errors import ConfigError, UserError
-from ..fit import EarlyStopping, Loop, TrainState, fit
-from ..reporting import ImageSettings, RunLogger, SilentLogger
+from ..fit import Cadence, EvalSettings, Fit
+from ..reporting import ImageSettings, RunReporter, SilentReporter
+from ..run_state import EarlyStopping, TrainState
 from ..sweep import swept_keys
 
 log = logging.getLogger("resnet_train")
@@ -42,76 +33,65 @@ log = logging.getLogger("resnet_train")
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at: float | None = None) -> dict:
     """Train (or continue, `cfg.resume`) the run described by `cfg` in `run_dir`; return its final
     metrics. `overrides` is the command line, against which a resumed run's config is checked;
-    `started_at`, when the command started (time_budget counts from it; default: now)."""
+    `started_at`, when the command started (time_budget counts from it; default: now). The run is
+    planned here unless preflight.CheckBeforeRun planned it before Hydra made the run dir."""
     started_at = started_at or time.time()
-    world = distributed.from_environment()
-    distributed.init_process_group(world)  # torchrun joined before Hydra; SLURM/submitit tasks join here
-    if not world.is_main:
+    this = world.from_environment()
+    distributed.init_process_group(this)  # torchrun joined before Hydra; SLURM/submitit tasks join here
+    if not this.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
-    if world.is_main:
+    if this.is_main:
         runs.lock(run_dir)  # (already held when the CheckBeforeRun callback claimed it)
     try:
-        return _train(cfg, Path(run_dir), list(overrides), world, started_at)
+        plan = preflight.take_plan(run_dir) or preflight.plan_run(cfg, list(overrides), this)
+        return _train(plan, Path(run_dir), started_at)
     finally:
         runs.unlock(run_dir)
         distributed.shutdown()
 
 
-def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distributed.Distributed,
-           started_at: float) -> dict:
-    cfg, ckpt = runs.plan_run(cfg, overrides)
-    device, precision = pick_device_and_precision(cfg.device, cfg.precision, world.local_rank)
-    if cfg.model.sync_bn and world.enabled and device.type != "cuda":
-        raise ConfigError("model.sync_bn=true needs CUDA GPUs (SyncBatchNorm runs on GPUs only)")
+def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
+    cfg, device, precision, this = plan.config, plan.device, plan.precision, plan.world
     configure_backends(device, cfg.deterministic)
     log.info(f"Run dir: {run_dir}")
     log.info(f"Device: {describe(device)}, precision {precision.name}{' (autocast)' if precision.dtype else ''}, "
              f"channels_last={use_channels_last(cfg.channels_last, device)}"
-             + (f"; {world.world_size} processes (DistributedDataParallel), global batch {cfg.batch_size}"
-                if world.enabled else ""))
+             + (f"; {this.world_size} processes (DistributedDataParallel), global batch {cfg.batch_size}"
+                if this.enabled else ""))
     seed_everything(cfg.seed)
-    data, model = _data_and_model(cfg, ckpt, device, run_dir, world)
+    data, model = _data_and_model(plan, run_dir)
     if cfg.epochs == "auto":
         cfg.epochs = _epochs_for_budget(cfg, model, data, precision, device, started_at)
-    steps_per_epoch = len(data.train) // cfg.accumulate_grad_batches
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, steps_per_epoch, device)
-    scaler, settings = precision.grad_scaler(), step_settings(cfg, model)
+    step = training_step(cfg, model, precision, len(data.train) // cfg.accumulate_grad_batches, device)
     if cfg.accumulate_grad_batches > 1:
         log.info(f"Effective batch: {cfg.accumulate_grad_batches} x {cfg.batch_size} = "
                  f"{cfg.accumulate_grad_batches * cfg.batch_size} images per optimizer step")
     state = TrainState()
-    if ckpt is not None:
-        state = restore_training(ckpt, model, optimizer, scheduler, scaler, cfg.resume, device, settings.ema)
+    if plan.checkpoint is not None:
+        state = restore_training(plan.checkpoint, step, cfg.resume, device)
         log.info(f"Resuming from {cfg.resume}: {_resume_point(state, cfg.epochs)}, step {state.global_step} "
                  f"(best val accuracy so far {_pct(state.best_val_accuracy)})")
-    model = wrap_for_training(model, cfg, device)
-
+    step.model = wrap_for_training(model, cfg, device)
     stored_cfg = OmegaConf.to_container(cfg, resolve=True)
     stored_cfg["dataset"].update(mean=data.mean, std=data.std)  # computed statistics are part of the run
-    logger = _logger(cfg, stored_cfg, data, precision.name, run_dir, ckpt) if world.is_main else SilentLogger()
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", model, optimizer, scheduler, scaler, {
-        "config": stored_cfg, "classes": data.classes, "precision": precision.name,
-        "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
-                          "stored_size": data.stored_size},
-    }, device=device, writer=world.is_main, resumed_from=state if ckpt is not None else None, ema=settings.ema)
+    reporter = _reporter(cfg, stored_cfg, data, precision.name, run_dir, plan) if this.is_main else SilentReporter()
+    checkpoints = RunCheckpoints(run_dir, step, _checkpoint_metadata(stored_cfg, data, precision), device,
+                                 writer=this.is_main, resumed_from=plan.resumed_state)
     try:
         with GracefulStop() as stop:
-            loop = Loop(optimizer, scheduler, precision, scaler, logger, checkpoints, step=settings,
-                        log_every=cfg.log_every_n_steps, checkpoint_every=cfg.checkpoint.every_n_steps,
-                        should_stop=distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
-                        progress=cfg.progress if world.is_main else False,
-                        mistakes=cfg.tensorboard.mistakes if cfg.tensorboard.images else 0, tta=cfg.tta,
-                        ema_selects=cfg.ema.evaluate, early_stopping=EarlyStopping(**cfg.early_stopping))
-            metrics = fit(model, data, loop, state, cfg.epochs, started_at)
+            cadence = Cadence(cfg.log_every_n_steps, cfg.checkpoint.every_n_steps,
+                              distributed.agreed_stop(stop.requested, cfg.log_every_n_steps),
+                              cfg.progress if this.is_main else False)
+            evaluation = EvalSettings(cfg.tta, cfg.tensorboard.mistakes if cfg.tensorboard.images else 0,
+                                      cfg.ema.evaluate, EarlyStopping(**cfg.early_stopping))
+            metrics = Fit(step, data, reporter, checkpoints, cadence, evaluation).run(state, cfg.epochs, started_at)
     except TrainingInterrupted:
         stop.signum = stop.signum or signal.SIGTERM  # another process received it
         log.warning(f"Stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step "
-                    f"{state.global_step}; saved {checkpoints.path('last')}. Resume with:\n  "
-                    + (f"torchrun --nproc_per_node={world.world_size} -m resnet_train" if world.enabled
-                       else "resnet-train") + " " + shlex.quote(f"resume={_shown(run_dir)}"))
+                    f"{state.global_step}; saved {checkpoints.path('last')}. Resume with:\n  {_resume_command(run_dir, this)}")
         raise SystemExit(128 + stop.signum) from None
     finally:
-        logger.close()
+        reporter.close()
     log.info(f"Done in {metrics['wall_seconds']:.0f}s. best val accuracy {_pct(metrics['best_val_accuracy'])} "
              f"(epoch {metrics['best_epoch']}), test accuracy {_pct(metrics['test_accuracy'])}. "
              f"Results in {_shown(run_dir)}")
@@ -119,11 +99,24 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str], world: distribu
     return metrics
 
 
-def _data_and_model(cfg: DictConfig, ckpt: dict | None, device: torch.device, run_dir: Path,
-                    world: distributed.Distributed) -> tuple[Data, torch.nn.Module]:
+def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision) -> dict:
+    """What every checkpoint carries besides the training state: what evaluation and prediction need."""
+    return {"config": stored_cfg, "classes": data.classes, "precision": precision.name,
+            "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
+                              "stored_size": data.stored_size}}
+
+
+def _resume_command(run_dir: Path, this: world.World) -> str:
+    """The command that continues the run, as the user would type it."""
+    program = f"torchrun --nproc_per_node={this.world_size} -m resnet_train" if this.enabled else "resnet-train"
+    return f"{program} {shlex.quote(f'resume={_shown(run_dir)}')}"
+
+
+def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn.Module]:
     """The data and the model; a new run that fails here (bad data, say) leaves no run dir behind."""
+    cfg, this, ckpt = plan.config, plan.world, plan.checkpoint
     try:
-        data = load_data(cfg, device, Shard(world.rank, world.world_size))
+        data = load_data(cfg, plan.device, Shard(this.rank, this.world_size))
         log.info(f"Data: {cfg.dataset.name}, {data.train.num_images:,} training images in {data.storage}, "
                  f"{len(data.classes)} classes; validation on {data.val_source}")
         if len(data.train) < cfg.accumulate_grad_batches:
@@ -135,9 +128,9 @@ def _data_and_model(cfg: DictConfig, ckpt: dict | None, device: torch.device, ru
                      "(an incomplete optimizer step)")
         if ckpt is not None:
             check_classes(ckpt["classes"], data.classes, cfg.resume)
-        model = build_model(cfg, len(data.classes), device, load_pretrained=ckpt is None)
+        model = build_model(cfg, len(data.classes), plan.device, load_pretrained=ckpt is None)
     except UserError:
-        if ckpt is None and world.is_main and not swept_keys():
+        if ckpt is None and this.is_main and not swept_keys():
             runs.discard_unstarted(run_dir)
         raise
     log.info(f"Model: {describe_model(cfg, model)}")
@@ -149,8 +142,11 @@ def _epochs_for_budget(cfg: DictConfig, model: torch.nn.Module, data: Data, prec
     """epochs=auto: time a few steps and pick the epochs that fit cfg.time_budget (the first
     process decides for all)."""
     seconds = duration_seconds(cfg.time_budget)
-    eager = OmegaConf.merge(cfg, {"compile": False})  # (compiling a copy would cost the compile twice)
-    timing = budget.measure(cfg, model, data, precision, device, wrap=lambda m: wrap_for_training(m, eager, device))
+    twin = copy.deepcopy(model)  # (the run's own model is not touched)
+    step = training_step(OmegaConf.merge(cfg, {"epochs": 1}), twin, precision,
+                         max(len(data.train) // cfg.accumulate_grad_batches, 1), device)
+    step.model = wrap_for_training(twin, OmegaConf.merge(cfg, {"compile": False}), device)  # (compiling a copy
+    timing = budget.measure(step, twin, data, cfg.tta)                                      # would cost it twice)
     elapsed = time.time() - started_at
     epochs = distributed.broadcast_from_main(budget.epochs_within(seconds, elapsed, timing))
     log.info(budget.describe(seconds, elapsed, timing, epochs))
@@ -164,17 +160,17 @@ def _epochs_for_budget(cfg: DictConfig, model: torch.nn.Module, data: Data, prec
     return epochs
 
 
-def _logger(cfg: DictConfig, stored_cfg: dict, data: Any, precision: str, run_dir: Path,
-            ckpt: dict | None) -> RunLogger:
-    tb = cfg.tensorboard
-    logger = RunLogger(run_dir, OmegaConf.to_yaml(stored_cfg), hparam_values(cfg, precision, swept_keys()),
-                       cfg.epochs, resume_step=ckpt["state"]["global_step"] if ckpt is not None else None,
-                       settings=ImageSettings(data.classes, data.mean, data.std, tb.images,
-                                              tb.confusion_every_n_epochs, tb.histograms_every_n_epochs))
-    if ckpt is None and tb.images:
+def _reporter(cfg: DictConfig, stored_cfg: dict, data: Data, precision: str, run_dir: Path,
+              plan: preflight.Plan) -> RunReporter:
+    tb, resumed = cfg.tensorboard, plan.resumed_state
+    reporter = RunReporter(run_dir, OmegaConf.to_yaml(stored_cfg), hparam_values(cfg, precision, swept_keys()),
+                           cfg.epochs, resume_step=resumed.global_step if resumed is not None else None,
+                           settings=ImageSettings(data.classes, data.mean, data.std, tb.images,
+                                                  tb.confusion_every_n_epochs, tb.histograms_every_n_epochs))
+    if resumed is None and tb.images:
         data.train.set_epoch(0)  # epoch 0 is never trained: drawing its first batch changes nothing
-        logger.augmented_samples(next(iter(data.train))[0])
-    return logger
+        reporter.augmented_samples(next(iter(data.train))[0])
+    return reporter
 
 
 def _pct(value: float | None) -> str:

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from ..config import DATASETS, stored_image_size
 from ..errors import DataError
 from .loaders import Loader, MemoryLoader, Shard, StreamLoader, epoch_generator
 from .sources import (
@@ -35,8 +36,8 @@ from .sources import (
 )
 from .transforms import Augment, BatchTransform, crop_flip, draw_augmentation
 
-__all__ = ["Augment", "BatchTransform", "CIFAR", "Data", "DataError", "Loader", "MemoryLoader", "Shard", "StreamLoader",
-           "build_data", "channel_stats", "crop_flip", "decode_all", "decode_resized", "draw_augmentation",
+__all__ = ["Augment", "Batching", "BatchTransform", "CIFAR", "Data", "DataError", "DatasetSpec", "Loader", "MemoryLoader",
+           "Shard", "StreamLoader", "build_data", "channel_stats", "crop_flip", "decode_all", "decode_resized", "draw_augmentation",
            "epoch_generator", "list_image_folder", "load_cifar", "stratified_split"]
 
 # --------------------------------------------------------------------------------------------
@@ -72,52 +73,90 @@ def resolve_val_size(val_size: int | float, n_train: int) -> int:
     return n
 
 
-def build_data(name: str, root: str, *, image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-               normalize: bool, augment: Augment | None, val_size: int | float, split_seed: int, download: bool = True,
-               loader: str = "memory", batch_size: int, eval_batch_size: int, device: torch.device, seed: int,
-               num_workers: int, channels_last: bool, shard: Shard = Shard(), log=print) -> Data:
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which images, and how they are prepared: the `dataset` config group."""
+
+    name: str  # one of config.DATASETS
+    root: str
+    image_size: int = 32  # what the model sees
+    mean: Sequence[float] | None = None  # None (with normalize): computed from the training images
+    std: Sequence[float] | None = None
+    normalize: bool = True
+    val_size: int | float = 0.1  # a count, a fraction of the training split, or 0 (validate on test)
+    split_seed: int = 0
+    download: bool = False
+    loader: str = "memory"  # memory | stream | auto (memory when it fits)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How splits become batches on the device."""
+
+    batch_size: int  # the global training batch (split over a shard's processes)
+    eval_batch_size: int
+    augment: Augment | None = None  # training batches only
+    seed: int = 0  # order and augmentation of each epoch
+    num_workers: int = 0  # decoding processes
+    channels_last: bool = True
+
+
+def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, shard: Shard = Shard(),
+               log=print) -> Data:
     """Read the dataset, split off validation images and wrap each split in a loader. With a
-    `shard`, `batch_size` is the global batch: each of the shard's processes gets an equal part."""
-    root_path = Path(root).expanduser()
-    if name in CIFAR:
-        train, test, classes = load_cifar(name, root_path, download)
-        val, storage, stored_size = None, "memory", 32
-    elif name == "image_folder":
-        root_path = root_path.resolve()
-        train, val, test, classes, storage = _read_image_folder(root_path, image_size, loader, device, num_workers, log)
-        stored_size = image_size
+    `shard`, `batching.batch_size` is the global batch: each of the shard's processes gets an equal part."""
+    root = Path(dataset.root).expanduser()
+    stored_size = stored_image_size(dataset.name, dataset.image_size)
+    if dataset.name in CIFAR:
+        train, test, classes = load_cifar(dataset.name, root, dataset.download)
+        val, storage = None, "memory"
+    elif dataset.name == "image_folder":
+        root = root.resolve()
+        train, val, test, classes, storage = _read_image_folder(root, dataset, device, batching.num_workers, log)
     else:
-        raise DataError(f"dataset.name={name!r} is not one of cifar10, cifar100, image_folder")
-    train, val, val_source = _validation_split(train, val, test, val_size, split_seed, root_path)
-    if batch_size > len(train):
-        raise DataError(f"batch_size={batch_size} is larger than the training split ({len(train):,} images)")
-    if normalize and (mean is None or std is None):
-        computed = _channel_stats_of(train, image_size, split_seed, num_workers)
-        mean, std = mean or computed[0], std or computed[1]
-        log(f"Normalization computed from the training images: mean {_fmt(mean)}, std {_fmt(std)}")
-    mean, std = (list(mean), list(std)) if normalize else (None, None)
+        raise DataError(f"dataset.name={dataset.name!r} is not one of {', '.join(DATASETS)}")
+    train, val, val_source = _validation_split(train, val, test, dataset.val_size, dataset.split_seed, root)
+    if batching.batch_size > len(train):
+        raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({len(train):,} images)")
+    mean, std = _normalization(dataset, train, batching.num_workers, log)
 
     def make(split: Split | None, train_mode: bool) -> Loader | None:
         if split is None:
             return None
-        transform = BatchTransform(mean, std, augment if train_mode else None,
-                                   image_size if image_size != stored_size else None, channels_last)
-        bs = (batch_size if train_mode else eval_batch_size) // shard.world_size or 1  # per process
+        transform = BatchTransform(mean, std, batching.augment if train_mode else None,
+                                   dataset.image_size if dataset.image_size != stored_size else None,
+                                   batching.channels_last)
+        per_process = (batching.batch_size if train_mode else batching.eval_batch_size) // shard.world_size or 1
         if storage == "memory":
-            return MemoryLoader(split.images.to(device), split.labels.to(device), bs, transform, train_mode, seed,
-                                shard)
-        return StreamLoader(split.samples, image_size, bs, transform, train_mode, device, seed, num_workers, shard)
+            return MemoryLoader(split.images.to(device), split.labels.to(device), per_process, transform, train_mode,
+                                batching.seed, shard)
+        return StreamLoader(split.samples, dataset.image_size, per_process, transform, train_mode, device,
+                            batching.seed, batching.num_workers, shard)
 
     test_loader = make(test, False)
     val_loader = test_loader if val is test else make(val, False)
-    return Data(make(train, True), val_loader, test_loader, classes, mean, std, image_size, stored_size, val_source,
-                storage)
+    return Data(make(train, True), val_loader, test_loader, classes, mean, std, dataset.image_size, stored_size,
+                val_source, storage)
 
 
-def _read_image_folder(root: Path, image_size: int, loader: str, device: torch.device, num_workers: int,
+def _normalization(dataset: DatasetSpec, train: Split, num_workers: int,
+                   log) -> tuple[list[float] | None, list[float] | None]:
+    """The mean and std batches are normalized with: given, computed from the training images, or none."""
+    if not dataset.normalize:
+        return None, None
+    mean, std = dataset.mean, dataset.std
+    if mean is None or std is None:
+        computed = _channel_stats_of(train, dataset.image_size, dataset.split_seed, num_workers)
+        mean, std = mean or computed[0], std or computed[1]
+        log(f"Normalization computed from the training images: mean {_fmt(mean)}, std {_fmt(std)}")
+    return list(mean), list(std)
+
+
+def _read_image_folder(root: Path, dataset: DatasetSpec, device: torch.device, num_workers: int,
                        log) -> tuple[Split, Split | None, Split | None, list[str], str]:
     """root/train (and root/val, root/test where present) as splits, decoded into memory at
-    image_size or left as file lists to stream (`loader`, `auto`: memory when it fits the budget)."""
+    image_size or left as file lists to stream (`dataset.loader`; auto: memory when it fits the budget)."""
+    image_size, loader = dataset.image_size, dataset.loader
     samples, classes = list_image_folder(root / "train")
     class_to_idx = {c: i for i, c in enumerate(classes)}
     to_split = lambda s: Split(torch.tensor([label for _, label in s]), samples=s)  # noqa: E731

@@ -25,9 +25,6 @@ import torch.nn.functional as F
 
 from . import policies
 
-CROPS = ("pad", "resized", "none")
-POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment")
-
 
 @dataclass(frozen=True)
 class Augment:

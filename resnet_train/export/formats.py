@@ -19,18 +19,18 @@ import torch
 from torch import nn
 
 from ..checkpoint import atomic_save, unwrap
+from ..config import EXPORT_FORMATS as FORMATS
+from ..config import MIN_OPSET
 from ..errors import ExportError
 from ..files import atomic_write, storage_error
 from ..models import stem_of_conv1
 from .metadata import METADATA_KEY, ExportMetadata, metadata_path
 from .preprocessing import WithPreprocessing
 
-FORMATS = ("onnx", "torchscript", "state_dict")
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".ts", ".pt", ".pth"), "state_dict": (".pt", ".pth", ".safetensors")}
 # torch's ONNX exporter writes opset 18 natively (its op library targets 18); higher opsets go through
 # onnxscript's version converter, lower ones fail (no down-conversion of Pad) and silently stay at 18.
-DEFAULT_OPSET = 18
-MIN_OPSET = 18
+DEFAULT_OPSET = MIN_OPSET
 INSTALL_HINT = 'pip install "resnet-train[export]"'
 EXAMPLE_BATCH = 2  # trace/export with N=2: torch.export specializes a batch of 1 as a constant
 

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import arch_of
+from ..config import IMAGENET_ARCHS, arch_of
 from ..errors import ExportError, first_line
-from ..models import IMAGENET_FAMILY
 
 if TYPE_CHECKING:  # (build imports the data and training stack: not needed to read metadata)
     from ..build import TrainedModel
@@ -132,7 +131,7 @@ def parity_report_path(output: str | Path) -> Path:
 
 def torchvision_compatibility(arch: str, stem: str) -> str:
     """What a state dict of `arch` with `stem` is outside resnet-train, in one sentence."""
-    if arch not in IMAGENET_FAMILY:
+    if arch not in IMAGENET_ARCHS:
         return (f"{arch} is not a torchvision architecture (widths 16/32/64, parameter-free option-A shortcuts); "
                 f"build it with resnet_train.models.{arch}(num_classes=K, stem='{stem}')")
     loads = f"loads into torchvision.models.{arch}(num_classes=K) with strict=True"
@@ -144,7 +143,7 @@ def torchvision_compatibility(arch: str, stem: str) -> str:
 
 def torchvision_model(arch: str, num_classes: int, stem: str) -> nn.Module | None:
     """The torchvision model a state dict of `arch` loads into (strict), or None for resnet20..110."""
-    if arch not in IMAGENET_FAMILY:
+    if arch not in IMAGENET_ARCHS:
         return None
     import torchvision
 
