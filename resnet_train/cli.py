@@ -127,7 +127,7 @@ def _train_command(args: list[str]) -> None:
         from . import distributed
 
         distributed.init_process_group(this)
-        stamp = distributed.broadcast_from_main(time.strftime("%Y-%m-%d/%H-%M-%S"))
+        stamp = distributed.broadcast_from_main(runs.free_stamp(time.strftime("%Y-%m-%d/%H-%M-%S")))
         args = runs.distributed_arguments(args, this.is_main, stamp)
     sys.argv[1:] = args
     _train_app()

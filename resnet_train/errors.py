@@ -37,7 +37,11 @@ class ModelError(UserError):
 
 
 class RunDirError(UserError):
-    """A run directory that cannot be used: it holds another run, or another process has it."""
+    """A run directory that cannot be used."""
+
+
+class RunDirTaken(RunDirError):
+    """A run directory that holds another run, or that another process has."""
 
 
 class StorageError(UserError):

@@ -15,12 +15,13 @@ A sweep's jobs and torchrun's other processes plan in the command itself.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from . import runs, world
 from .composing import train_defaults
@@ -139,9 +140,20 @@ class CheckBeforeRun(Callback):
             if task_cfg.resume:
                 runs.lock(run_dir)
                 remove_stale_temporaries(run_dir)
+            elif _named_by_the_time(config):
+                run_dir = runs.claim_default_run_dir(run_dir, overrides)
+                with read_write(config.hydra.run):  # (Hydra creates the dir it names after this callback)
+                    config.hydra.run.dir = str(run_dir)
             else:
                 runs.claim_new_run_dir(run_dir, overrides)
         except UserError as e:  # Hydra would only warn about an exception raised here, and go on
             raise Refused(e) from None
         _planned.clear()  # (one run per command)
         _planned[run_dir] = plan
+
+
+def _named_by_the_time(config: DictConfig) -> bool:
+    """Whether the run dir is train.yaml's default, named by the time the command started (not given
+    with hydra.run.dir, nor agreed on by torchrun's processes)."""
+    given = any(o.split("=", 1)[0] == "hydra.run.dir" for o in config.hydra.overrides.hydra)
+    return not given and runs.STAMP_ENV not in os.environ

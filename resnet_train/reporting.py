@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,7 @@ class RunReporter:
         self.run_dir, self.epochs = run_dir, epochs
         self.settings = settings or ImageSettings([], None, None, images=False)
         if resume_step is not None:
+            _after_earlier_event_files(run_dir)
             self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1)
             return
         self.writer = SummaryWriter(log_dir=str(run_dir))
@@ -208,6 +210,18 @@ class RunReporter:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _after_earlier_event_files(run_dir: Path) -> None:
+    """Wait (under a second) until a new event file's name sorts after the run's earlier ones.
+    TensorBoard reads a run's files in name order -- events.out.tfevents.<seconds>.<host>.<pid>... --
+    and a resumed run's purge hides the steps after its checkpoint only in files read before its
+    own: a resume within the second the killed run started in, by a process of a lower pid, would
+    otherwise be read first and the killed run's later steps shown twice."""
+    stamps = [int(p.name.split(".")[3]) for p in Path(run_dir).glob("events.out.tfevents.*")
+              if p.name.split(".")[3].isdigit()]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
 
 
 class SilentReporter:

@@ -19,10 +19,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .config import override_key
-from .errors import CheckpointError, ConfigError, RunDirError
+from .errors import CheckpointError, ConfigError, RunDirError, RunDirTaken
 from .files import remove_stale_temporaries
 
 LOCK_NAME = ".lock"
+STAMP_ENV = "RESNET_TRAIN_RUN_STAMP"  # torchrun's agreed time stamp (train.yaml's hydra.run.dir reads it)
 # What this command has claimed (one command per process; `forget_claims` starts over, as a new one).
 _held: dict[Path, int] = {}  # run dir -> the open lock file's descriptor, while this process holds it
 _restart: set[Path] = set()  # run dirs that `resume=` starts again (no checkpoint yet): may be reused
@@ -74,7 +75,7 @@ def lock(run_dir: Path) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise RunDirError(f"{run_dir} is in use by another resnet-train process (pid {holder}); wait for it "
+        raise RunDirTaken(f"{run_dir} is in use by another resnet-train process (pid {holder}); wait for it "
                           "to finish or choose another hydra.run.dir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -100,10 +101,23 @@ def claim_new_run_dir(run_dir: Path, overrides: list[str]) -> None:
     if has_checkpoint(run_dir) or not (run_dir in _restart or stored_overrides(run_dir) == _without_hydra(overrides)):
         unlock(run_dir)
         has_run = has_checkpoint(run_dir)
-        raise RunDirError(f"{run_dir} already holds " + ("a run" if has_run else "other files")
+        raise RunDirTaken(f"{run_dir} already holds " + ("a run" if has_run else "other files")
                           + "; choose a new hydra.run.dir so nothing there is overwritten"
                           + (f", or continue it with resume={run_dir}" if has_run else ""))
     start_again(run_dir)
+
+
+def claim_default_run_dir(run_dir: Path, overrides: list[str]) -> Path:
+    """Claim the run dir Hydra named by the time (outputs/<date>/<time>) for a new run -- or, when a
+    run started in the same second holds it, the first free of <time>_2, <time>_3, ..."""
+    for n in range(1, 1000):
+        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}_{n}")
+        try:
+            claim_new_run_dir(candidate, overrides)
+            return candidate
+        except RunDirTaken:
+            continue
+    raise RunDirTaken(f"{run_dir} and 998 more run dirs named after it are taken; choose a hydra.run.dir")
 
 
 def start_again(run_dir: Path) -> None:
@@ -207,10 +221,20 @@ def _restart_arguments(run_dir: Path, args: list[str]) -> list[str]:
     return [*stored_overrides(run_dir), *extra, f"hydra.run.dir={_quote(run_dir)}"]
 
 
+def free_stamp(stamp: str) -> str:
+    """The time stamp of a new run's default dir, outputs/<stamp>, suffixed (_2, _3, ...) when a run
+    started in the same second has that dir (torchrun's processes agree on it before Hydra starts)."""
+    n, free = 1, stamp
+    while (Path("outputs") / free).exists() and any((Path("outputs") / free).iterdir()):
+        n += 1
+        free = f"{stamp}_{n}"
+    return free
+
+
 def distributed_arguments(args: list[str], is_main: bool, stamp: str) -> list[str]:
     """Under torchrun every process uses the first one's run dir (its time stamp, see train.yaml's
     hydra.run.dir); only the first writes the .hydra/ record and train.log, and checks the run dir."""
-    os.environ["RESNET_TRAIN_RUN_STAMP"] = stamp
+    os.environ[STAMP_ENV] = stamp
     if is_main:
         return args
     return [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled",

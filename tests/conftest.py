@@ -1,23 +1,32 @@
 """Shared fixtures: small learnable data sets in the real on-disk formats, one runner for the console
-scripts (a subprocess in its own working directory, offline, CPU), one TensorBoard reader, and an
-in-process `train` for tests where starting an interpreter would cost more than the test."""
+scripts (the real entry point in this process, or a true subprocess where only a process shows the
+behaviour; in its own working directory, offline, CPU), one TensorBoard reader, and an in-process
+`train` for tests of the training function itself."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import pickle
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
+import traceback
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the console scripts run in this process too: CPU only, as in a subprocess
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # One clearly different color per class: learnable in a couple of epochs, robust to crop and flip.
@@ -125,6 +134,18 @@ SITECUSTOMIZE = textwrap.dedent("""
 """)
 
 
+# The test files, longest first (measured on the 2-core machine): pytest-xdist hands whole files to
+# its two workers in this order (--no-loadscope-reorder), so they finish together.
+LONGEST_FIRST = ["test_readme", "test_accuracy", "test_export", "test_distributed", "test_faults", "test_cli",
+                 "test_sweep", "test_transfer", "test_config", "test_resume", "test_engine", "test_packaging",
+                 "test_models", "test_portability", "test_augment", "test_data", "test_layout"]
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))
+
+
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory, request) -> Path:
     """A folder for one test module's shared runs, removed when the module's tests pass: the README's
@@ -140,21 +161,27 @@ def module_tmp(tmp_path_factory, request) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def test_environment(tmp_path_factory) -> Path:
     """Session-wide: the md5 registry and the sitecustomize directory, named in os.environ so every
-    subprocess (and in-process CIFAR reads, through `cifar_checksums`) finds them."""
+    subprocess finds them; the same expected-md5 lookup for CIFAR read in this process; one torch
+    thread (pytest-xdist runs a test per core, and the console scripts run in its process too)."""
+    import torch
+    import torchvision.datasets.cifar as cifar
+
     root = tmp_path_factory.mktemp("env")
     (root / "sitecustomize.py").write_text(SITECUSTOMIZE)
     os.environ["RESNET_TRAIN_TEST_CIFAR_MD5"] = str(root / "cifar-md5.json")
     os.environ["RESNET_TRAIN_TEST_SITE"] = str(root)
-    return root
+    namespace: dict = {}
+    exec(SITECUSTOMIZE.split("class PatchCifarChecksums")[0], namespace)
+    real_check = cifar.check_integrity
+    cifar.check_integrity = namespace["expected_md5s"](real_check)
+    torch.set_num_threads(1)
+    yield root
+    cifar.check_integrity = real_check
 
 
 @pytest.fixture
-def cifar_checksums(monkeypatch):
-    """The same expected-md5 lookup for CIFAR read in this process."""
-    import torchvision.datasets.cifar as cifar
-    namespace: dict = {}
-    exec(SITECUSTOMIZE.split("class PatchCifarChecksums")[0], namespace)
-    monkeypatch.setattr(cifar, "check_integrity", namespace["expected_md5s"](cifar.check_integrity))
+def cifar_checksums():
+    """CIFAR read in this process checks the generated files' md5s (set up for the whole session)."""
 
 
 @pytest.fixture(scope="session")
@@ -207,23 +234,216 @@ def script(name: str) -> str:
     return str(path)
 
 
+# Environment variables only a fresh interpreter honours (a hidden package on PYTHONPATH): a runner
+# with one of them runs its commands with the installed console scripts.
+INTERPRETER_ONLY_ENV = ("PYTHONPATH",)
+
+
 class Runner:
     """Runs console scripts in one working directory (relative paths and default output folders
-    resolve there, as for a user in a terminal)."""
+    resolve there, as for a user in a terminal), three ways:
+
+    runner(name, *args)            the script's real entry point in this process -- argv set, stdout
+                                   and stderr captured, SystemExit caught, Hydra's global state, the
+                                   environment and the working directory restored -- which spares a
+                                   process per call (the default: the error contracts, most runs)
+    runner.process / .popen(...)   a true process of its own (its pid, its signals, killed for
+                                   real), forked from a server that has imported torch and resnet_train
+                                   once: kills and signals, runs started at once, sweeps, a fault hook
+    runner.installed(name, ...)    the installed console script in a fresh interpreter, as a user
+                                   types it (one run per script); torchrun, and a hidden package
+    """
 
     def __init__(self, cwd: Path, **env: str):
         self.cwd = Path(cwd)
         self.cwd.mkdir(parents=True, exist_ok=True)
+        self.extra_env = env
         self.env = {**subprocess_env(), **env}
 
     def __call__(self, name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        """In this process, except what only a process runs: a sweep (Hydra's launchers) or a fault
+        hook (RESNET_TRAIN_TEST_HOOK) in a forked process; torchrun or a hidden package in a fresh one."""
+        args = [str(a) for a in args]
+        if name not in console_scripts() or any(key in self.extra_env for key in INTERPRETER_ONLY_ENV):
+            return self.installed(name, *args, timeout=timeout)
+        sweep = {"-m", "--multirun"} & set(args) or any(a.startswith("hparams_search=") for a in args)
+        if sweep or "RESNET_TRAIN_TEST_HOOK" in self.extra_env:
+            return self.process(name, *args, timeout=timeout)
+        return run_in_process(name, args, self.cwd, self.extra_env)
+
+    def installed(self, name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
         return subprocess.run([script(name), *map(str, args)], cwd=self.cwd, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
-    def popen(self, name: str, *args: str, **kwargs) -> subprocess.Popen:
-        env = {**self.env, **kwargs.pop("env", {})}
-        return subprocess.Popen([script(name), *map(str, args)], cwd=self.cwd, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    def process(self, name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        proc = ForkedProcess(name, [str(a) for a in args], self.cwd, self.env, merge_output=False)
+        stdout, stderr = proc.communicate(timeout)
+        return subprocess.CompletedProcess([name, *args], proc.returncode, stdout, stderr)
+
+    def popen(self, name: str, *args: str, env: dict[str, str] | None = None) -> ForkedProcess | subprocess.Popen:
+        """A process whose output (stdout and stderr together) is read line by line as it runs."""
+        env = {**self.env, **(env or {})}
+        if name not in console_scripts():
+            return subprocess.Popen([script(name), *map(str, args)], cwd=self.cwd, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return ForkedProcess(name, [str(a) for a in args], self.cwd, env, merge_output=True)
+
+
+# --------------------------------------------------------------------------------------------
+# True processes without an interpreter start each: forked from a server that imported everything
+# --------------------------------------------------------------------------------------------
+
+PRELOAD = ["conftest", "resnet_train.cli", "resnet_train.commands.train", "resnet_train.commands.eval",
+           "resnet_train.commands.predict", "resnet_train.commands.summary", "resnet_train.reporting"]
+_forkserver = None
+
+
+def _fork_context():
+    """multiprocessing's forkserver: a clean process (no test threads, no state of earlier runs) that
+    imports PRELOAD once; every process is forked from it, ready in milliseconds."""
+    import multiprocessing
+
+    global _forkserver
+    if _forkserver is None:
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(PRELOAD)
+    return _forkserver
+
+
+def _forked_command(name: str, args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """The child: what the installed console script does, with its output going to files (the
+    sitecustomize's CIFAR checksums and fault hook applied, as in a fresh interpreter)."""
+    import torch
+    import torchvision.datasets.cifar as cifar
+
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_APPEND), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    namespace: dict = {}
+    exec(SITECUSTOMIZE.split("class PatchCifarChecksums")[0], namespace)
+    cifar.check_integrity = namespace["expected_md5s"](cifar.check_integrity)
+    if env.get("RESNET_TRAIN_TEST_HOOK"):  # a test's fault injection (e.g. running out of memory)
+        exec(open(env["RESNET_TRAIN_TEST_HOOK"]).read(), {})
+    sys.argv = [name, *args]
+    console_scripts()[name].load()()  # (SystemExit and exceptions become the exit status, as in an interpreter)
+
+
+class ForkedProcess:
+    """A console script in a process of its own (see Runner), with subprocess.Popen's interface:
+    pid, kill, send_signal, wait, communicate, returncode (negative: killed by that signal), and
+    stdout as lines while it runs (with merge_output, stderr's among them)."""
+
+    def __init__(self, name: str, args: list[str], cwd: Path, env: dict[str, str], merge_output: bool):
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="forked-"))
+        self.out, self.err = folder / "stdout", folder / ("stdout" if merge_output else "stderr")
+        self.out.touch()
+        self.err.touch()
+        self.process = _fork_context().Process(target=_forked_command,
+                                               args=(name, args, str(cwd), env, str(self.out), str(self.err)))
+        self.process.start()
+        self.pid = self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return self.process.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+        self.wait(timeout)
+        return self.out.read_text(), None if self.err == self.out else self.err.read_text()
+
+    @property
+    def stdout(self):
+        """The output's lines as they are written, until the process has ended."""
+        with open(self.out) as f:
+            pending = ""
+            while True:
+                chunk = f.readline()
+                if chunk:
+                    pending += chunk
+                    if pending.endswith("\n"):
+                        yield pending
+                        pending = ""
+                    continue
+                if self.process.exitcode is not None:
+                    rest = pending + f.read()
+                    if rest:
+                        yield rest
+                    return
+                time.sleep(0.02)
+
+
+def console_scripts() -> dict:
+    """resnet-train & co.: the entry points `pip install` made console scripts of."""
+    return {ep.name: ep for ep in entry_points(group="console_scripts") if ep.value.startswith("resnet_train.")}
+
+
+def run_in_process(name: str, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The console script `name` run as a process would run it, in this one: what it printed and
+    its exit status (an uncaught exception: its traceback on stderr and 1, as the interpreter does)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from resnet_train import cli
+
+    main = console_scripts()[name].load()
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
+    root, saved_handlers, saved_level = logging.getLogger(), logging.getLogger().handlers[:], logging.getLogger().level
+    code = 0
+    try:
+        os.environ.update(env)
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        os.chdir(cwd)
+        sys.argv = [name, *args]
+        cli.STARTED = time.time()  # (time_budget counts from the command's start)
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 (a bug: what the interpreter does with an uncaught exception)
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv[:] = saved_argv
+        os.chdir(saved_cwd)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        for handler in root.handlers[:]:  # (Hydra's console handler and the run's train.log)
+            if handler not in saved_handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        logging.raiseExceptions = True
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

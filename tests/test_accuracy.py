@@ -31,7 +31,7 @@ SETTINGS = {
     "cutmix": ["mix.cutmix_alpha=1"],  # (an int, as users type it)
     "ema + tta": ["ema.decay=0.9", "tta=flip_translate"],
     "clip + accumulate": ["grad_clip_norm=1.0", "accumulate_grad_batches=2", "optim.lr=0.2"],
-    "early stopping": ["early_stopping.patience=1", "epochs=4"],
+    "early stopping": ["early_stopping.patience=1", "epochs=3"],
 }
 
 
@@ -166,14 +166,14 @@ def test_time_budget_picks_the_epochs_that_fit(timing, budget_s, elapsed, expect
 def test_time_budget_run_stores_its_choice(small_cifar_root, run_cli):
     (run_cli.cwd / "data").symlink_to(small_cifar_root)
     result = run_cli("resnet-train", *[a for a in FAST if not a.startswith("epochs")], "epochs=auto",
-                     "time_budget=12s", "hydra.run.dir=budget")
+                     "time_budget=6s", "hydra.run.dir=budget")
     assert_ok(result)
-    assert "time_budget=12s:" in result.stdout and "epochs (planned" in result.stdout
+    assert "time_budget=6s:" in result.stdout and "epochs (planned" in result.stdout
     ckpt = torch.load(run_cli.cwd / "budget" / "checkpoints" / "last.pt", weights_only=True)
     chosen = ckpt["config"]["epochs"]
-    assert isinstance(chosen, int) and chosen >= 1 and ckpt["config"]["time_budget"] == "12s"
+    assert isinstance(chosen, int) and chosen >= 1 and ckpt["config"]["time_budget"] == "6s"
     assert metrics_of(run_cli.cwd / "budget")["epochs"] == chosen
-    again = run_cli("resnet-train", "resume=budget", "epochs=auto", "time_budget=12s")  # the same command line
+    again = run_cli("resnet-train", "resume=budget", "epochs=auto", "time_budget=6s")  # the same command line
     assert again.returncode == 2 and f"has finished all {chosen} epochs" in again.stderr
 
 

@@ -25,10 +25,11 @@ def only_run_dir(cwd: Path) -> Path:
 @pytest.fixture(scope="module")
 def cifar_run(cifar_root, module_tmp):
     """One 2-epoch resnet20 run on generated CIFAR-10 batches in ./data (the default dataset.root),
-    into the default run dir; shared by the tests that inspect it."""
+    into the default run dir; shared by the tests that inspect it. The installed console script in
+    a process of its own, as a user types it."""
     runner = Runner(module_tmp / "user")
     (runner.cwd / "data").symlink_to(cifar_root)
-    result = runner("resnet-train", *FAST, "dataset.val_size=100")
+    result = runner.installed("resnet-train", *FAST, "dataset.val_size=100")
     assert_ok(result)
     return only_run_dir(runner.cwd), result, runner
 
@@ -84,7 +85,7 @@ def test_tensorboard_has_the_expected_tags_and_steps(cifar_run):
 def test_eval_reproduces_the_test_accuracy(cifar_run):
     run_dir, _, runner = cifar_run
     relative = run_dir.relative_to(runner.cwd)
-    result = runner("resnet-eval", f"checkpoint={relative}/checkpoints/best.pt")
+    result = runner.installed("resnet-eval", f"checkpoint={relative}/checkpoints/best.pt")  # (as typed, a process)
     assert_ok(result)
     report = json.loads((run_dir / "eval.json").read_text())
     metrics = metrics_of(run_dir)
@@ -139,16 +140,16 @@ def test_same_seed_gives_the_same_loss_curve(cifar_run, cifar_root, run_cli):
     assert len(again) == 12 and again == [v for _, v in scalars(reference, "train/loss")] and again != other
 
 
-def test_val_size_zero_validates_on_the_test_split(cifar_root, run_cli):
-    result = run_cli("resnet-train", *FAST, "epochs=1", "dataset.val_size=0", f"dataset.root={cifar_root}",
+def test_val_size_zero_validates_on_the_test_split(small_cifar_root, run_cli):
+    result = run_cli("resnet-train", *FAST, "epochs=1", "dataset.val_size=0", f"dataset.root={small_cifar_root}",
                      "hydra.run.dir=run")
     assert_ok(result)
-    assert "validation on the test split" in result.stdout and "1,000 training images" in result.stdout
+    assert "validation on the test split" in result.stdout and "240 training images" in result.stdout
     metrics = metrics_of(run_cli.cwd / "run")
     assert metrics["val_accuracy"] == pytest.approx(metrics["test_accuracy"])
-    evaluated = run_cli("resnet-eval", "checkpoint=run", "split=val", f"dataset.root={cifar_root}")
+    evaluated = run_cli("resnet-eval", "checkpoint=run", "split=val", f"dataset.root={small_cifar_root}")
     assert_ok(evaluated)
-    assert "val split = the test split (dataset.val_size=0): 500 images" in evaluated.stdout
+    assert "val split = the test split (dataset.val_size=0): 40 images" in evaluated.stdout
 
 
 def test_cifar100_and_two_decoding_workers(tmp_path, image_folder_root, run_cli):

@@ -1,11 +1,12 @@
 """Several processes, one model: torchrun with gloo on the CPU, the SLURM launcher config, and the
 sharding that makes N processes see exactly what one process sees."""
 
+import os
 import signal
 
 import pytest
 import torch
-from conftest import Runner, assert_ok, metrics_of
+from conftest import Runner, assert_ok, assert_one_error, metrics_of
 from hydra import compose, initialize_config_module
 
 from resnet_train.data import Augment, BatchTransform, MemoryLoader, Shard
@@ -98,9 +99,9 @@ def test_torchrun_time_budget_times_the_distributed_step(runs):
     the first process's choice holds for all, and the run fits."""
     user, _ = runs
     run = [a for a in RUN if not a.startswith("epochs=")]
-    result = torchrun(user, *run, "epochs=auto", "time_budget=45s", "hydra.run.dir=budget")
+    result = torchrun(user, *run, "epochs=auto", "time_budget=15s", "hydra.run.dir=budget")
     assert_ok(result)
-    assert result.stdout.count("time_budget=45s:") == 1  # (reported by the first process only)
+    assert result.stdout.count("time_budget=15s:") == 1  # (reported by the first process only)
     chosen = torch.load(user.cwd / "budget" / "checkpoints" / "last.pt", weights_only=True)["config"]["epochs"]
     assert isinstance(chosen, int) and chosen >= 1 and metrics_of(user.cwd / "budget")["epochs"] == chosen
 
@@ -130,10 +131,10 @@ def _local_main_first_worker(rank: int, path: str, port: int) -> None:
     import os
     import time
 
-    from resnet_train import distributed
+    from resnet_train import distributed, world
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    distributed.init_process_group(distributed.from_environment())
+    distributed.init_process_group(world.from_environment())
     with distributed.local_main_first():
         time.sleep(0.5 if rank == 0 else 0)  # the first process is slow: the other must still wait for it
         with open(path, "a") as f:
@@ -151,20 +152,42 @@ def test_downloads_happen_once_per_machine_before_the_others_read(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     order = tmp_path / "order.txt"
-    mp.start_processes(_local_main_first_worker, args=(str(order), port), nprocs=2, start_method="spawn")
+    mp.start_processes(_local_main_first_worker, args=(str(order), port), nprocs=2, start_method="forkserver")
     assert order.read_text().split() == ["0", "1"]
 
 
 def test_global_batch_must_split_evenly(cifar_root, run_cli):
-    result = torchrun(run_cli, "batch_size=63", f"dataset.root={cifar_root}")
-    assert result.returncode != 0 and "batch_size=63 (the global batch) does not split evenly over 2" in result.stderr
+    """Refused before any process group forms or data is read: here as the first of two SLURM tasks."""
+    slurm = Runner(run_cli.cwd, SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="0", SLURM_LOCALID="0")
+    assert_one_error(slurm("resnet-train", "batch_size=63", f"dataset.root={cifar_root}"),
+                     "batch_size=63 (the global batch) does not split evenly over 2 processes")
+    assert not (run_cli.cwd / "outputs").exists()
 
 
-def test_slurm_launcher_config_composes():
+def test_slurm_launcher_submits_one_task_per_gpu(tmp_path, monkeypatch):
+    """hydra/launcher=slurm as submitit turns it into an sbatch script (built the way the launcher
+    builds its executor; a stand-in srun on PATH, as on a login node): one task per GPU on each
+    node, and each task of the step finds its rank in SLURM's variables."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with initialize_config_module(config_module="resnet_train.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2"],
                       return_hydra_config=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    launcher = instantiate(cfg.hydra.launcher)
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
+    queue_keys = set(OmegaConf.structured(BaseQueueConf).keys())  # (an unknown key fails here)
+    executor.update_parameters(**{k if k in queue_keys else f"slurm_{k}": v for k, v in launcher.params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout")})
+    script = executor._executor._make_submission_file_text("python -m resnet_train", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4"):
+        assert line in script.splitlines(), script
+    assert "\nsrun " in script  # every task is started by srun: a step of 8 tasks
+    step = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_STEP_NODELIST": "gpu[1-2]"}
+    assert from_environment(step) == World(6, 8, 2, "slurm")

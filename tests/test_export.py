@@ -164,14 +164,44 @@ print(json.dumps({"meta": meta}))
 """
 
 
-def run_isolated(script: str, model_path: Path, images: np.ndarray, tmp_path: Path) -> tuple[dict, np.ndarray]:
-    """(what the script printed, its logits (2, N, classes)) from a fresh interpreter in `tmp_path`."""
-    np.save(tmp_path / "images.npy", images)
-    result = subprocess.run([sys.executable, "-c", script, str(model_path), str(tmp_path / "images.npy"),
-                             str(tmp_path / "logits.npy")], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+ISOLATED_JOBS = [("onnx", name, "onnx", None) for name in MAIN_CASES] + \
+    [("torchscript", name, "torchscript", None) for name in MAIN_CASES] + \
+    [("torchvision", name, "state_dict", suffix) for name, suffix in
+     [("resnet18-imagenet@64", ".pt"), ("resnet18-imagenet@64", ".safetensors"), ("resnet18-cifar@32", ".pt")]]
+SCRIPTS = {"onnx": ONNX_SCRIPT, "torchscript": TORCHSCRIPT_SCRIPT, "torchvision": TORCHVISION_SCRIPT}
+# One fresh interpreter runs every script in turn (the ONNX ones first: they check that torch is
+# never imported), each as `python -c SCRIPT model images logits` would; what each printed is kept.
+RUN_SCRIPTS = """
+import contextlib, io, json, sys
+jobs, output, results = sys.argv[1], sys.argv[2], []
+for script, args in json.load(open(jobs)):
+    sys.argv, printed = ["-c", *args], io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(script, {"__name__": "__main__"})
+    results.append(printed.getvalue().strip().splitlines()[-1])
+json.dump(results, open(output, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def isolated(exported, module_tmp) -> dict[tuple, tuple[dict, np.ndarray]]:
+    """(script, case, fmt, suffix) -> (what the script printed, its logits (2, N, classes)), from one
+    interpreter in which resnet_train cannot be imported."""
+    folder = module_tmp / "isolated"
+    folder.mkdir()
+    jobs = []
+    for i, (script, name, fmt, suffix) in enumerate(ISOLATED_JOBS):
+        case = get_case(name)
+        np.save(folder / f"images{i}.npy", case.images)
+        jobs.append((SCRIPTS[script], [str(exported(case, fmt, suffix)), str(folder / f"images{i}.npy"),
+                                       str(folder / f"logits{i}.npy")]))
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run([sys.executable, "-c", RUN_SCRIPTS, str(folder / "jobs.json"), str(folder / "out.json")],
+                            cwd=folder, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), np.load(tmp_path / "logits.npy")
+    printed = json.loads((folder / "out.json").read_text())
+    return {job: (json.loads(printed[i]), np.load(folder / f"logits{i}.npy")) for i, job in enumerate(ISOLATED_JOBS)}
 
 
 def assert_metadata(meta: dict, case: Case, preprocessing_included: bool) -> None:
@@ -191,28 +221,28 @@ def assert_same_logits(logits: np.ndarray, case: Case) -> None:
 
 
 @pytest.mark.parametrize("name", MAIN_CASES)
-def test_onnx_runs_with_onnxruntime_alone(name, exported, tmp_path):
+def test_onnx_runs_with_onnxruntime_alone(name, isolated):
     case = get_case(name)
-    printed, logits = run_isolated(ONNX_SCRIPT, exported(case, "onnx"), case.images, tmp_path)
+    printed, logits = isolated["onnx", name, "onnx", None]
     assert_same_logits(logits, case)
     assert_metadata(printed["meta"], case, preprocessing_included=True)
     assert not printed["torch_imported"]
 
 
 @pytest.mark.parametrize("name", MAIN_CASES)
-def test_torchscript_runs_with_torch_alone(name, exported, tmp_path):
+def test_torchscript_runs_with_torch_alone(name, isolated):
     case = get_case(name)
-    printed, logits = run_isolated(TORCHSCRIPT_SCRIPT, exported(case, "torchscript"), case.images, tmp_path)
+    printed, logits = isolated["torchscript", name, "torchscript", None]
     assert_same_logits(logits, case)
     assert_metadata(printed["meta"], case, preprocessing_included=True)
 
 
 @pytest.mark.parametrize("name, suffix", [("resnet18-imagenet@64", ".pt"), ("resnet18-imagenet@64", ".safetensors"),
                                           ("resnet18-cifar@32", ".pt")])
-def test_state_dict_loads_into_torchvision_strictly(name, suffix, exported, tmp_path):
+def test_state_dict_loads_into_torchvision_strictly(name, suffix, exported, isolated):
     case = get_case(name)
     path = exported(case, "state_dict", suffix)
-    printed, logits = run_isolated(TORCHVISION_SCRIPT, path, case.images, tmp_path)
+    printed, logits = isolated["torchvision", name, "state_dict", suffix]
     meta = printed["meta"]
     assert_same_logits(logits, case)
     assert_metadata(meta, case, preprocessing_included=False)
@@ -556,14 +586,14 @@ def test_resnet_export_errors_are_one_line(trained_run, tmp_path, monkeypatch):
     assert_one_error(no_onnx("resnet-export", "checkpoint=run", "output=x.onnx"), 'pip install "resnet-train[export]"')
 
 
-def test_a_cifar_model_trained_at_another_size_exports_the_resize(cifar_root, tmp_path):
+def test_a_cifar_model_trained_at_another_size_exports_the_resize(small_cifar_root, tmp_path):
     """CIFAR stored at 32px and resized to 64 on the device in training: the exported graph takes the
     32px images and resizes inside, so resnet-predict gives the checkpoint's answers from either."""
     from conftest import Runner, assert_ok, write_image_folder
     user = Runner(tmp_path)
-    (user.cwd / "data").symlink_to(cifar_root)
+    (user.cwd / "data").symlink_to(small_cifar_root)
     assert_ok(user("resnet-train", "model=resnet20", "epochs=1", "batch_size=64", "dataset.image_size=64",
-                   "dataset.val_size=100", "num_workers=0", "tensorboard.images=false", "hydra.run.dir=run"))
+                   "dataset.val_size=40", "num_workers=0", "tensorboard.images=false", "hydra.run.dir=run"))
     result = user("resnet-export", "checkpoint=run")
     assert_ok(result)
     assert "uint8 RGB images (N, 32, 32, 3)" in result.stdout and "from 32x32 to 64x64" in result.stdout
@@ -582,7 +612,7 @@ def test_the_readme_onnxruntime_example_classifies_an_image(trained_run):
     """The README's "onnxruntime alone" snippet, as printed, on an exported run and one of its images."""
     from conftest import assert_ok
     user = trained_run
-    assert_ok(user("resnet-export", "checkpoint=run", "output=model.onnx"))
+    assert_ok(user.installed("resnet-export", "checkpoint=run", "output=model.onnx"))  # (as typed, a process)
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     snippet = readme.split("Classify an image with onnxruntime alone")[1].split("```python\n")[1].split("```")[0]
     photo = next((user.cwd / "pets" / "test").glob("*/*.png"))

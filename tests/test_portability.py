@@ -2,6 +2,7 @@
 on the device that runs, checkpoints from a GPU evaluated on a laptop, resume on other hardware.
 GPUs are mocked only at the device-query seam (resnet_train.device)."""
 
+import os
 
 import pytest
 import torch
@@ -71,11 +72,11 @@ def test_precision_auto_is_resolved_where_the_model_runs(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def gpu_checkpoint(cifar_root, module_tmp):
+def gpu_checkpoint(small_cifar_root, module_tmp):
     """A real run's checkpoint, edited to say what a T4 run on cuda:3 stores: fp16, device cuda:3."""
     user = Runner(module_tmp / "user")
-    (user.cwd / "data").symlink_to(cifar_root)
-    assert_ok(user("resnet-train", "model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=100",
+    (user.cwd / "data").symlink_to(small_cifar_root)
+    assert_ok(user("resnet-train", "model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=40",
                    "num_workers=0", "tensorboard.images=false", "hydra.run.dir=t4"))
     for name in ("best", "last"):
         path = user.cwd / "t4" / "checkpoints" / f"{name}.pt"
@@ -125,13 +126,23 @@ def test_resume_accepts_a_grad_scaler_change_and_fewer_gpus():
     restore_rng_states([rng_states(torch.device("cpu"))] * 3, torch.device("cpu"))  # more ranks than now
 
 
-def test_deterministic_switches_off_autotuning():
-    before = torch.are_deterministic_algorithms_enabled()
+def test_deterministic_switches_off_autotuning(monkeypatch):
+    """deterministic=true: deterministic kernels, cuDNN autotuning off, cuBLAS's workspace fixed;
+    false: autotuning on, and a later run in the same process does not inherit the earlier one's
+    setting. (Setting the cuDNN flags for a CUDA device needs no GPU.)"""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic)
     try:
-        configure_backends(torch.device("cpu"), deterministic=True)
-        assert torch.are_deterministic_algorithms_enabled()
+        configure_backends(torch.device("cuda"), deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        configure_backends(torch.device("cuda"), deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        assert torch.backends.cudnn.benchmark
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:]
 
 
 def test_checkpoints_are_written_from_cpu_copies():
@@ -156,10 +167,10 @@ def first_version_config(config: dict) -> dict:
     return config
 
 
-def test_a_first_version_run_evaluates_predicts_and_resumes(cifar_root, tmp_path):
+def test_a_first_version_run_evaluates_predicts_and_resumes(small_cifar_root, tmp_path):
     user = Runner(tmp_path)
-    (user.cwd / "data").symlink_to(cifar_root)
-    args = ["model=resnet20", "batch_size=64", "dataset.val_size=100", "num_workers=0", "tensorboard.images=false"]
+    (user.cwd / "data").symlink_to(small_cifar_root)
+    args = ["model=resnet20", "batch_size=64", "dataset.val_size=40", "num_workers=0", "tensorboard.images=false"]
     assert_ok(user("resnet-train", *args, "epochs=1", "hydra.run.dir=v1"))
     for name in ("best", "last"):
         path = user.cwd / "v1" / "checkpoints" / f"{name}.pt"

@@ -4,9 +4,9 @@ cannot drift apart.
 
 Only the data is swapped and the work shrunk: dataset.root points at small generated sets placed
 where the README's paths say (./data for CIFAR, ./pets for an image folder), runs train for one
-epoch on them, 224px becomes 72px (still the imagenet stem), and a placeholder run directory
-(`outputs/2026-11-23/14-02-11`) becomes the newest run, batches have 32 images, and image
-summaries (tested in test_sweep.py) are off. Lines that cannot run here (installing,
+epoch (one step) on them, time budgets become 3s, 224px becomes 72px (still the imagenet stem), a
+placeholder run directory (`outputs/2026-11-23/14-02-11`) becomes the newest run, batches have 32
+images, and image summaries (tested in test_sweep.py) are off. Lines that cannot run here (installing,
 the test suite itself, a SLURM cluster, several machines) are listed in SKIPPED with the reason:
 any other line must run.
 """
@@ -76,7 +76,7 @@ def adapt(line: str, cwd: Path) -> list[str]:
         if key == "epochs":
             arg = "epochs=auto" if value == "auto" else "epochs=1"
         elif key == "time_budget":
-            arg = "time_budget=10s"
+            arg = "time_budget=3s"
         elif key == "dataset.image_size" and int(value) > 72:
             arg = "dataset.image_size=72"
         elif key == "hydra.sweeper.n_trials":
@@ -88,10 +88,10 @@ def adapt(line: str, cwd: Path) -> list[str]:
     if any(a.startswith("experiment=") and "finetune" in a or "linear_probe" in a for a in args):
         extra.append("dataset.image_size=72")
     if "resume" not in keys:
-        extra.append("dataset.val_size=40" if "dataset=image_folder" not in args else "dataset.val_size=0.25")
+        extra.append("dataset.val_size=16" if "dataset=image_folder" not in args else "dataset.val_size=0.25")
     if any(a.startswith("experiment=budget") for a in args):  # (its time_budget picks the epochs)
-        extra.append("time_budget=10s")
-    skip = {"epochs"} if "resume" in keys or "time_budget" in keys or "time_budget=10s" in extra else set()
+        extra.append("time_budget=3s")
+    skip = {"epochs"} if "resume" in keys or "time_budget" in keys or "time_budget=3s" in extra else set()
     return shrunk + [e for e in extra if e.split("=")[0] not in keys | skip]
 
 
@@ -124,9 +124,9 @@ def user(module_tmp) -> Runner:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         torch.save(getattr(torchvision.models, arch)().state_dict(), cache / Path(weights.url).name)
     runner = Runner(cwd / "work", TORCH_HOME=str(torch_home))
-    write_cifar(runner.cwd / "data", "cifar10", n_train=120, n_test=24)  # 80 training images: 2 steps an epoch
-    write_cifar(runner.cwd / "data", "cifar100", n_train=120, n_test=24)
-    write_image_folder(runner.cwd / "pets", {"train": 80, "test": 16}, num_classes=3)
+    write_cifar(runner.cwd / "data", "cifar10", n_train=48, n_test=16)  # 32 training images: 1 step an epoch
+    write_cifar(runner.cwd / "data", "cifar100", n_train=48, n_test=16)
+    write_image_folder(runner.cwd / "pets", {"train": 48, "test": 8}, num_classes=3)
     write_image_folder(runner.cwd / "more_photos", {"x": 6}, num_classes=3)
     Image.fromarray(make_images(1)[0][0]).save(runner.cwd / "cat.png")
     return runner

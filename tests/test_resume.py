@@ -93,6 +93,28 @@ def test_resume_latest_from_last_pt_with_more_epochs(user, tmp_path):
     assert torch.load(runs[0] / "last.pt", weights_only=True)["config"]["epochs"] == 3
 
 
+def test_a_resume_reads_its_checkpoint_once_before_training(reference_run, user, tmp_path, monkeypatch):
+    """The run is planned once: the checks before the run read last.pt, and training starts from
+    what they read (torch.load counted up to the first training step)."""
+    from resnet_train import pause
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference_run, run_dir)
+    loaded, before_training = [], []
+    real_load, real_point = torch.load, pause.point
+    def load(f, *args, **kwargs):
+        loaded.append(Path(f).name if isinstance(f, (str, Path)) else "a buffer")
+        return real_load(f, *args, **kwargs)
+    monkeypatch.setattr(torch, "load", load)
+
+    def point(name: str) -> None:
+        if name == "train_step" and not before_training:
+            before_training.append(list(loaded))
+        real_point(name)
+    monkeypatch.setattr(pause, "point", point)
+    assert_ok(user("resnet-train", f"resume={run_dir}", "epochs=4"))
+    assert before_training and before_training[0].count("last.pt") == 1, before_training
+
+
 def snapshot(run_dir: Path) -> dict:
     """Every result file of a run (not its log, nor the lock file's pid)."""
     return {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))

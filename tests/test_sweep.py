@@ -10,7 +10,8 @@ from conftest import Runner, assert_ok, events
 from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-BASE = ["model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=100", "num_workers=0"]
+# 200 training images (small_cifar_root): 3 steps a job; what a sweep does with its jobs, not how well they learn.
+BASE = ["model=resnet20", "epochs=1", "batch_size=64", "dataset.val_size=40", "num_workers=0"]
 
 
 def hparams_of(acc) -> dict:
@@ -25,10 +26,10 @@ def hparam_order(acc) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(cifar_root, module_tmp):
+def grid_sweep(small_cifar_root, module_tmp):
     """The README's sweep as typed: the default sweep dir (multirun/<date>/<time>, relative)."""
     user = Runner(module_tmp / "user")
-    (user.cwd / "data").symlink_to(cifar_root)
+    (user.cwd / "data").symlink_to(small_cifar_root)
     result = user("resnet-train", "-m", *BASE, "optim=sgd,adam", "optim.lr=0.05,0.02",
                   "tensorboard.histograms_every_n_epochs=1")
     assert_ok(result)
@@ -77,8 +78,8 @@ def test_images_and_histograms(grid_sweep):
     assert "weights/fc.weight" in tags["histograms"] and "gradients/layer1.0.conv1.weight" in tags["histograms"]
 
 
-def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, run_cli):
-    result = run_cli("resnet-train", "-m", *BASE, f"dataset.root={cifar_root}", "optim.lr=0.05,nan,0.02",
+def test_a_failing_job_is_reported_and_the_others_still_run(small_cifar_root, run_cli):
+    result = run_cli("resnet-train", "-m", *BASE, f"dataset.root={small_cifar_root}", "optim.lr=0.05,nan,0.02",
                      "tensorboard.images=false", "hydra.sweep.dir=sweep")
     assert result.returncode == 2
     rows = list(csv.DictReader((run_cli.cwd / "sweep" / "summary.csv").open()))
@@ -89,7 +90,7 @@ def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, run_cli)
         "error: 1 of 3 sweep jobs failed (every job ran; see the summary above); "
         "optim.lr=nan: optim.lr=nan is invalid: expected a positive number"]
     # the same sweep dir again: its summary and exit status are the new sweep's, not the old failed job's
-    again = run_cli("resnet-train", "-m", *BASE, f"dataset.root={cifar_root}", "optim.lr=0.03",
+    again = run_cli("resnet-train", "-m", *BASE, f"dataset.root={small_cifar_root}", "optim.lr=0.03",
                     "tensorboard.images=false", "hydra.sweep.dir=sweep")
     assert_ok(again)
     rows = list(csv.DictReader((run_cli.cwd / "sweep" / "summary.csv").open()))
@@ -97,7 +98,7 @@ def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, run_cli)
     # the same sweep into the same dir: refused before any job starts, the earlier runs kept as they were
     ok_run = run_cli.cwd / "sweep" / "optim.lr=0.05"
     before = {p.name: p.stat().st_mtime_ns for p in ok_run.rglob("*") if p.is_file()}
-    result = run_cli("resnet-train", "-m", *BASE, f"dataset.root={cifar_root}", "optim.lr=0.05,nan,0.02",
+    result = run_cli("resnet-train", "-m", *BASE, f"dataset.root={small_cifar_root}", "optim.lr=0.05,nan,0.02",
                      "tensorboard.images=false", "hydra.sweep.dir=sweep")
     assert result.returncode == 2 and "Launching" not in result.stdout
     assert result.stderr.strip().splitlines() == [
@@ -106,7 +107,7 @@ def test_a_failing_job_is_reported_and_the_others_still_run(cifar_root, run_cli)
     assert {p.name: p.stat().st_mtime_ns for p in ok_run.rglob("*") if p.is_file()} == before
 
 
-def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):
+def test_out_of_memory_fails_only_its_job(small_cifar_root, tmp_path):
     """A job that runs out of device memory fails like any other bad job; the sweep goes on."""
     hook = tmp_path / "oom_hook.py"
     hook.write_text(textwrap.dedent("""
@@ -120,7 +121,7 @@ def test_out_of_memory_fails_only_its_job(cifar_root, tmp_path):
     """))
     user = Runner(tmp_path / "work", RESNET_TRAIN_TEST_HOOK=str(hook))
     result = user("resnet-train", "-m", *[a for a in BASE if not a.startswith("batch_size")], "batch_size=64,32",
-                  f"dataset.root={cifar_root}", "tensorboard.images=false", "hydra.sweep.dir=sweep")
+                  f"dataset.root={small_cifar_root}", "tensorboard.images=false", "hydra.sweep.dir=sweep")
     assert result.returncode == 2, result.stderr
     rows = list(csv.DictReader((user.cwd / "sweep" / "summary.csv").open()))
     assert [(r["overrides"], r["status"]) for r in rows] == [("batch_size=32", "ok"), ("batch_size=64", "failed")]
@@ -146,7 +147,7 @@ def test_a_sweep_dir_that_cannot_be_written_is_one_line(run_cli):
         f"{run_cli.cwd.resolve() / 'taken'} is a file, not a folder"]
 
 
-def test_a_bug_in_a_sweep_job_keeps_its_traceback(cifar_root, tmp_path):
+def test_a_bug_in_a_sweep_job_keeps_its_traceback(small_cifar_root, tmp_path):
     """Only user errors become the sweep's one line; anything else is a bug and shows where it is."""
     hook = tmp_path / "bug_hook.py"
     hook.write_text(textwrap.dedent("""
@@ -160,15 +161,15 @@ def test_a_bug_in_a_sweep_job_keeps_its_traceback(cifar_root, tmp_path):
     """))
     user = Runner(tmp_path / "work", RESNET_TRAIN_TEST_HOOK=str(hook))
     result = user("resnet-train", "-m", *[a for a in BASE if not a.startswith("batch_size")], "batch_size=64,32",
-                  f"dataset.root={cifar_root}", "tensorboard.images=false", "hydra.sweep.dir=sweep")
+                  f"dataset.root={small_cifar_root}", "tensorboard.images=false", "hydra.sweep.dir=sweep")
     assert result.returncode not in (0, 2)
     assert "Traceback" in result.stderr and "KeyError: 'a bug'" in result.stderr
 
 
-def test_optuna_search(cifar_root, run_cli):
+def test_optuna_search(small_cifar_root, run_cli):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     result = run_cli("resnet-train", "hparams_search=optuna", *BASE, "tensorboard.images=false",
-                     f"dataset.root={cifar_root}", "hydra.sweep.dir=optuna", "hydra.sweeper.n_trials=2")
+                     f"dataset.root={small_cifar_root}", "hydra.sweep.dir=optuna", "hydra.sweeper.n_trials=2")
     assert_ok(result)
     rows = list(csv.DictReader((run_cli.cwd / "optuna" / "summary.csv").open()))
     assert len(rows) == 2 and all("optim.lr=" in r["overrides"] and "label_smoothing=" in r["overrides"] for r in rows)

@@ -108,21 +108,21 @@ def test_summary_macs_match_the_known_resnet18_figure():
 
 
 def test_summary_cli(run_cli):
-    result = run_cli("resnet-summary", "model=resnet50", "dataset.image_size=224", "model.freeze=layer3")
+    result = run_cli.installed("resnet-summary", "model=resnet50", "dataset.image_size=224", "model.freeze=layer3")
     assert_ok(result)
     assert "imagenet stem" in result.stdout and "GMACs" in result.stdout and "frozen" in result.stdout
     assert "parameters: 23,528,522" in result.stdout
     assert_one_error(run_cli("resnet-summary", "model=resnet19"), "model=resnet19: no such option")
 
 
-def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, cifar_root, run_cli):
+def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, small_cifar_root, run_cli):
     shared, state = torchvision_weights
     path = run_cli.cwd / "backbone.pt"
     path.write_bytes(shared.read_bytes())
     initial = models.resnet18(num_classes=10, stem="imagenet", pretrained=str(path)).fc.weight.detach().clone()
     result = run_cli("resnet-train", "model=resnet18", "model.pretrained=backbone.pt", "model.freeze=backbone",
-                     "dataset.image_size=72", "epochs=1", "batch_size=64", "dataset.val_size=100",
-                     "tensorboard.images=false", f"dataset.root={cifar_root}", "hydra.run.dir=probe")
+                     "dataset.image_size=72", "epochs=1", "batch_size=64", "dataset.val_size=40",
+                     "tensorboard.images=false", f"dataset.root={small_cifar_root}", "hydra.run.dir=probe")
     assert_ok(result)  # model.stem=auto followed the weights (7x7 first convolution: imagenet stem)
     assert "5,130 trainable (model.freeze=backbone)" in result.stdout and "resnet18 (imagenet stem)" in result.stdout
     ckpt = torch.load(run_cli.cwd / "probe" / "checkpoints" / "last.pt", weights_only=True)
@@ -138,7 +138,7 @@ def test_freeze_backbone_trains_only_the_classifier(torchvision_weights, cifar_r
     assert again.returncode == 2 and "has finished all 1 epochs" in again.stderr
 
 
-def test_imagenet_weights_offline_from_the_torch_home_cache(cifar_root, tmp_path):
+def test_imagenet_weights_offline_from_the_torch_home_cache(small_cifar_root, tmp_path):
     """model.pretrained=imagenet with stem=auto on 32px images: torchvision's file from $TORCH_HOME
     (no network here), the imagenet stem it was trained with, and a one-time warning about 32px."""
     torch.manual_seed(2)
@@ -147,15 +147,15 @@ def test_imagenet_weights_offline_from_the_torch_home_cache(cifar_root, tmp_path
     cache.mkdir(parents=True)
     torch.save(weights, cache / "resnet18-f37072fd.pth")
     user = Runner(tmp_path / "work", TORCH_HOME=str(tmp_path / "torch-home"))
-    result = user("resnet-train", "model.pretrained=imagenet", "epochs=1", "batch_size=64", "dataset.val_size=100",
-                  "tensorboard.images=false", "num_workers=0", f"dataset.root={cifar_root}", "hydra.run.dir=ft")
+    result = user("resnet-train", "model.pretrained=imagenet", "epochs=1", "batch_size=64", "dataset.val_size=40",
+                  "tensorboard.images=false", "num_workers=0", f"dataset.root={small_cifar_root}", "hydra.run.dir=ft")
     assert_ok(result)
     assert "resnet18 (imagenet stem)" in result.stdout and result.stdout.count("dataset.image_size=224") == 1
     ckpt = torch.load(user.cwd / "ft" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["config"]["model"]["stem"] == "imagenet" and ckpt["model"]["conv1.weight"].shape[-1] == 7
     missing = Runner(tmp_path / "offline", TORCH_HOME=str(tmp_path / "empty-home"))
-    assert_one_error(missing("resnet-train", "model.pretrained=imagenet", f"dataset.root={cifar_root}",
-                             "dataset.val_size=100", "epochs=1"),
+    assert_one_error(missing("resnet-train", "model.pretrained=imagenet", f"dataset.root={small_cifar_root}",
+                             "dataset.val_size=40", "epochs=1"),
                      "resnet18-f37072fd.pth", "empty-home/hub/checkpoints")
 
 
@@ -174,7 +174,7 @@ def test_predictions_agree_with_eval(folder_run, run_cli):
     assert_ok(run_cli("resnet-eval", f"checkpoint={run_dir}", "output=eval.json"))
     accuracy = json.loads((run_cli.cwd / "eval.json").read_text())["accuracy"]
 
-    result = run_cli("resnet-predict", f"checkpoint={run_dir}", f"inputs=[{root / 'test'}]", "topk=3")
+    result = run_cli.installed("resnet-predict", f"checkpoint={run_dir}", f"inputs=[{root / 'test'}]", "topk=3")
     assert_ok(result)
     rows = list(csv.DictReader((run_cli.cwd / "predictions.csv").open()))  # the default output, here
     assert len(rows) == 120 and list(rows[0]) == ["file", "class_1", "probability_1", "class_2", "probability_2",
