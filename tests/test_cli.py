@@ -210,6 +210,27 @@ def test_bad_input_fails_fast_with_one_error_line(run_cli, args, fragments):
     assert not (run_cli.cwd / "outputs").exists()  # refused before Hydra made a run dir, before any data was read
 
 
+OTHER_BAD_INPUTS = [  # resnet-eval's, resnet-predict's and resnet-export's own keys: the same schema, the same words
+    ("resnet-eval", ["checkpoint=run", "split=train"], ["split='train' is invalid: expected test or val"]),
+    ("resnet-eval", ["checkpoint=run", "output=[a]"], ["output=['a'] is invalid: expected null or a file path"]),
+    ("resnet-predict", ["checkpoint=run", "inputs=[a.png]", "topk=0"], ["topk=0 is invalid: expected a positive integer"]),
+    ("resnet-predict", ["checkpoint=run", "inputs=[a.png]", "precision=fp8"],
+     ["precision='fp8' is invalid: expected auto, fp32, bf16 or fp16"]),
+    ("resnet-predict", ["checkpoint=run", "inputs=[a.png]", "topk_=3"],
+     ["topk_=3: resnet-predict has no key topk_; did you mean topk?"]),
+    ("resnet-predict", ["checkpoint=run"], ["inputs is required"]),
+    ("resnet-export", ["checkpoint=run", "opset=12"], ["opset=12 is invalid: expected null or an integer >= 18"]),
+    ("resnet-export", ["checkpoint=run", "atol=-1"], ["atol=-1 is invalid: expected a number >= 0"]),
+    ("resnet-export", ["checkpoint=run", "formats=onnx"], ["formats=onnx: resnet-export has no key formats; "
+                                                           "did you mean format?"]),
+]
+
+
+@pytest.mark.parametrize("program,args,fragments", OTHER_BAD_INPUTS, ids=[" ".join(a) for _, a, _ in OTHER_BAD_INPUTS])
+def test_the_other_commands_check_their_keys_alike(run_cli, program, args, fragments):
+    assert_one_error(run_cli(program, *args), *fragments)  # (before any checkpoint is looked for)
+
+
 def test_missing_dataset_says_where_it_looked_and_leaves_no_run_dir(run_cli):
     result = run_cli("resnet-train", "dataset.download=false", timeout=60)
     assert_one_error(result, f"{run_cli.cwd}/data/cifar-10-batches-py does not exist", "cifar-10-python.tar.gz")

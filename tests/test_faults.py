@@ -126,6 +126,25 @@ def test_one_run_per_directory(user):
     assert all("is in use by another" in o or "already holds a run" in o for o in refusals)
 
 
+def test_runs_started_in_the_same_second_get_their_own_default_dirs(small_cifar_root, tmp_path):
+    """The default run dir is named by the second the command started in (outputs/<date>/<time>);
+    when a run started in the same second has it, the next run takes <time>_2 instead of being
+    refused. (The seconds around now are made to hold runs already, so the clock cannot dodge it.)"""
+    user = Runner(tmp_path / "work")
+    (user.cwd / "data").symlink_to(small_cifar_root)
+    now = time.time()
+    taken = [user.cwd / "outputs" / time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(now + s)) for s in range(-1, 30)]
+    for run_dir in taken:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "last.pt").write_bytes(b"a run's")
+    result = user("resnet-train", *RUN, "epochs=1", "checkpoint.every_n_steps=0")
+    assert_ok(result)
+    made = [p.parent for p in (user.cwd / "outputs").glob("*/*/metrics.json")]
+    assert len(made) == 1 and made[0].name.endswith("_2") and made[0].with_name(made[0].name[:-2]) in taken
+    assert f"Results in outputs/{made[0].parent.name}/{made[0].name}" in result.stdout
+    assert all((d / "checkpoints" / "last.pt").read_bytes() == b"a run's" for d in taken)
+
+
 def test_two_resumes_of_one_run(user):
     kill(start_paused(user, "train_step@5", *RUN, "hydra.run.dir=runs/twice"))
     first = start_paused(user, "validation@1", "resume=runs/twice")

@@ -111,6 +111,7 @@ def _ignore_sigint(worker_id: int) -> None:
 class StreamLoader:
     """Image files decoded by DataLoader workers; augmentation still runs per batch on the device."""
 
+    # (nine parameters: MemoryLoader's, plus where the files are decoded to and by how many workers)
     def __init__(self, samples: list[tuple[str, int]], image_size: int, batch_size: int, transform: BatchTransform,
                  train: bool, device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard()):
         self.transform, self.train, self.device, self.seed, self.shard = transform, train, device, seed, shard
