@@ -2,14 +2,17 @@
 (claimed and locked), finding a run's checkpoint, the command line that resumes a run in place,
 and torchrun's agreement on one directory.
 
-A run directory is locked (`flock` on <run dir>/.lock) for as long as a process trains in it, by
-new runs and by `resume=` alike; the kernel drops the lock when the process ends, however it
-ends, so a killed run never blocks the next one. The checks before a run that need more than the
-run directory are preflight.py's. No torch here: these checks answer at once.
+A run directory is locked (a POSIX record lock, `lockf`, on <run dir>/.lock) for as long as a
+process trains in it, by new runs and by `resume=` alike. A record lock belongs to the process
+that took it -- not to the open file, as an `flock` does -- so the kernel drops it when that
+process ends, however it ends, and its forked children (DataLoader workers) never hold it: a
+killed run blocks neither the next one nor its own `resume=`. The checks before a run that need
+more than the run directory are preflight.py's. No torch here: these checks answer at once.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -60,23 +63,21 @@ def forget_claims() -> None:
 
 
 def lock(run_dir: Path) -> None:
-    """Hold <run dir>/.lock until `unlock` or the end of the process; RunDirError naming the
-    holder's pid if another process has it."""
+    """Hold <run dir>/.lock until `unlock` or the end of the process; RunDirTaken naming the
+    holder's pid if another process has it. Claiming a run dir this process holds already does
+    nothing (one `unlock` releases it)."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
+        # Record locks are per process: a second lockf here would succeed, and closing its descriptor
+        # later would drop the lock this process holds. So the file is opened once per holder.
         return
+    fd = _open_lock_file(run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise RunDirError(f"cannot use {run_dir}: {e.strerror.lower()}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise RunDirTaken(f"{run_dir} is in use by another resnet-train process (pid {holder}); wait for it "
-                          "to finish or choose another hydra.run.dir") from None
+        _take(fd, run_dir)
+    except BaseException:
+        os.close(fd)  # (lets go of a record lock `_take` got before refusing: this process held none before)
+        raise
+    # The pid is read by refused processes only, through their own descriptor, never by this one.
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[run_dir] = fd
@@ -85,7 +86,65 @@ def lock(run_dir: Path) -> None:
 def unlock(run_dir: Path) -> None:
     fd = _held.pop(Path(run_dir).resolve(), None)
     if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
+        os.close(fd)  # closing (any of) this process's descriptors of the file drops its record lock
+
+
+def _open_lock_file(run_dir: Path) -> int:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunDirError(f"cannot use {run_dir}: {e.strerror.lower()}") from None
+
+
+def _take(fd: int, run_dir: Path) -> None:
+    """Lock the whole file for this process, or raise RunDirTaken saying who has it."""
+    try:
+        flock_free = _no_flock_on(fd)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (the whole file: from offset 0 to its end, however long)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise _taken(fd, run_dir, by_flock=False) from None
+        raise RunDirError(f"cannot lock {run_dir / LOCK_NAME}: {e.strerror.lower()}") from None  # (e.g. ENOLCK)
+    if not flock_free:  # (no live record holder, so the flock is the whole story; `lock` lets go again)
+        raise _taken(fd, run_dir, by_flock=True)
+
+
+def _no_flock_on(fd: int) -> bool:
+    """Whether no process holds an exclusive `flock` on the file, which record locks do not see: as
+    resnet-train did before it locked with lockf, and the DataLoader workers of such a run go on
+    doing once it is killed. Probed with a shared flock let go at once: probes never refuse each
+    other, and nothing forked later inherits one. (Before lockf: an NFS client emulates flock with
+    a record lock of another owner, which would conflict with this process's own.)"""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _taken(fd: int, run_dir: Path, by_flock: bool) -> RunDirTaken:
+    """The refusal, naming the pid the holder recorded. A record lock's holder is alive (the kernel
+    drops the lock with its process); an flock outlives its process in the processes it forked."""
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"  # (through the refused descriptor)
+    if by_flock and not _alive(holder):
+        return RunDirTaken(f"{run_dir} is locked by pid {holder}, which has exited; its child processes "
+                           "(DataLoader workers) still hold the lock: wait for them to exit or kill them "
+                           f"(fuser -v {run_dir / LOCK_NAME} lists them)")
+    return RunDirTaken(f"{run_dir} is in use by another resnet-train process (pid {holder}); wait for it "
+                       "to finish or choose another hydra.run.dir")
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` exists on this machine (True when not known: the refusal then just names it)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):  # ("?": nothing recorded; EPERM: another user's process)
+        return True
+    return True
 
 
 def claim_new_run_dir(run_dir: Path, overrides: list[str]) -> None:
