@@ -8,6 +8,7 @@ come from the plan (preflight.py, resolved by device.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import device as devices
-from . import distributed
+from . import distributed, world
 from .checkpoint import check_model_state, load_checkpoint, load_model_state, selected_weights
-from .config import arch_of, stem_of
+from .config import CIFAR_DATASETS, arch_of, stem_of
 from .data import Augment, Batching, Data, DatasetSpec, Shard, build_data
 from .device import Precision
 from .ema import WeightEMA
@@ -44,13 +45,17 @@ def seed_everything(seed: int) -> None:
 
 def load_data(cfg: DictConfig, device: torch.device, shard: Shard = Shard(), **overrides: Any) -> Data:
     """The run's data on `device` (this process's `shard` of it); `overrides` replace keys of the
-    dataset group (resnet-eval gives the checkpoint's normalization, resnet-export a stream)."""
+    dataset group (resnet-eval gives the checkpoint's normalization and classes, resnet-export a stream)."""
     dataset = DatasetSpec(**{**OmegaConf.to_container(cfg.dataset, resolve=True), **overrides})
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
     batching = Batching(cfg.batch_size, cfg.eval_batch_size or 2 * cfg.batch_size,
                         Augment(**{**augment, "crop_scale": tuple(augment["crop_scale"])}), cfg.seed, cfg.num_workers,
-                        devices.use_channels_last(cfg.channels_last, device))
-    with distributed.local_main_first():  # one process per machine downloads, the others read its files
+                        devices.use_channels_last(cfg.channels_last, device), progress=cfg.progress,
+                        processes_here=world.from_environment().local_world_size)
+    # One process per machine downloads CIFAR, the others read its files; image folders are read
+    # by every process at once.
+    downloading = dataset.name in CIFAR_DATASETS and dataset.download
+    with distributed.local_main_first() if downloading else contextlib.nullcontext():
         return build_data(dataset, batching, device, shard, log=log.info)
 
 

@@ -207,6 +207,7 @@ KEYS: dict[str, Key] = {
                             "a count >= 0 or a fraction between 0 and 1"),
     "dataset.split_seed": Key(non_negative_int, "a non-negative integer"),
     "dataset.loader": choice(LOADERS, resumable=True),
+    "dataset.exif_transpose": Key(boolean, YES_NO, required=False),  # (image folders only)
     # augmentation (training batches only)
     "augment.crop": choice(CROPS),
     "augment.crop_padding": Key(non_negative_int, "a non-negative integer (pixels)"),

@@ -20,6 +20,7 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     launcher: str = ""  # what started the processes: torchrun or slurm ("" for a single process)
+    local_world_size: int = 1  # processes on this machine (each holds its own copy of in-memory data)
 
     @property
     def enabled(self) -> bool:
@@ -33,11 +34,19 @@ class World:
 def from_environment(env: dict[str, str] | None = None) -> World:
     env = dict(os.environ if env is None else env)
     if int(env.get("WORLD_SIZE", "1")) > 1:  # torchrun
-        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), "torchrun")
+        return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), "torchrun",
+                     int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
     if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # tasks of one srun step (submitit uses srun)
         return World(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0")),
-                     "slurm")
+                     "slurm", _slurm_tasks_here(env))
     return World()
+
+
+def _slurm_tasks_here(env: dict[str, str]) -> int:
+    """Tasks of the step on this node: SLURM_STEP_TASKS_PER_NODE reads like "4(x2)" or "4,3" (the
+    first node's count; nodes of one GPU job usually match)."""
+    match = re.match(r"(\d+)", env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    return int(match.group(1)) if match else int(env["SLURM_STEP_NUM_TASKS"])
 
 
 def slurm_master(env: dict[str, str]) -> tuple[str, str]:

@@ -313,6 +313,8 @@ def _fork_context():
 def _forked_command(name: str, args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
     """The child: what the installed console script does, with its output going to files (the
     sitecustomize's CIFAR checksums and fault hook applied, as in a fresh interpreter)."""
+    import multiprocessing
+
     import torch
     import torchvision.datasets.cifar as cifar
 
@@ -321,6 +323,9 @@ def _forked_command(name: str, args: list[str], cwd: str, env: dict[str, str], o
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     os.chdir(cwd)
+    # A forkserver's child inherits its start method; a user's Linux interpreter (before 3.14) forks
+    # DataLoader workers instead of starting a server that imports torch again.
+    multiprocessing.set_start_method("fork", force=True)
     os.environ.clear()
     os.environ.update(env)
     torch.set_num_threads(1)

@@ -1,6 +1,9 @@
+import time
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import CLASSES, write_image_folder
+from conftest import CLASSES, _fork_context, write_image_folder
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -96,14 +99,15 @@ def test_memory_loader_order_depends_on_seed_and_epoch():
     assert g.initial_seed() == epoch_generator(1, 2, torch.device("cpu")).initial_seed()
 
 
-def data_of(name: str, root, **kw):
+def data_of(name: str, root, log=lambda m: None, **kw):
     """build_data with the dataset's and the batching's settings given as keywords (the tests' defaults)."""
-    spec = dict(image_size=32, mean=None, std=None, normalize=True, val_size=0.2, split_seed=0, loader="memory")
+    spec = dict(image_size=32, mean=None, std=None, normalize=True, val_size=0.2, split_seed=0, loader="memory",
+                exif_transpose=True, classes=None, splits=("train", "val", "test"))
     batching = dict(batch_size=32, eval_batch_size=64, augment=Augment(), seed=0, num_workers=0, channels_last=True)
     for key, value in kw.items():
         (spec if key in spec else batching)[key] = value
     return build_data(DatasetSpec(name, str(root), **spec), Batching(**batching), torch.device("cpu"),
-                      log=lambda m: None)
+                      log=log)
 
 
 def test_cifar10_reads_the_python_batches(cifar_root, cifar_checksums):
@@ -166,11 +170,21 @@ def test_corrupt_image_is_named(tmp_path):
 
 
 def test_auto_loader_streams_what_does_not_fit(tmp_path, monkeypatch):
-    import resnet_train.data as data_module
+    """auto: memory while the decoded images take at most half the host's available memory, counting
+    a copy per process on the machine; said in one line before anything is decoded."""
+    from resnet_train.data import storage
     root = write_image_folder(tmp_path, {"train": 40}, num_classes=2)
-    assert data_of("image_folder", root, loader="auto", batch_size=8).storage == "memory"
-    monkeypatch.setattr(data_module, "memory_budget_bytes", lambda device: 40 * 32 * 32 * 3 - 1)
+    decoded = 40 * 32 * 32 * 3
+    monkeypatch.setattr(storage, "host_available_bytes", lambda: 2 * decoded)
+    said = []
+    assert data_of("image_folder", root, loader="auto", batch_size=8, log=said.append).storage == "memory"
+    assert f"40 images at 32px: {decoded // 1024 ** 2:.0f} MB decoded" in said[0] and "into memory" in said[0]
+    assert data_of("image_folder", root, loader="auto", batch_size=8, processes_here=2).storage == "stream"
+    monkeypatch.setattr(storage, "host_available_bytes", lambda: 2 * decoded - 1)
     assert data_of("image_folder", root, loader="auto", batch_size=8).storage == "stream"
+    monkeypatch.setattr(storage, "host_available_bytes", lambda: decoded - 1)
+    with pytest.raises(DataError, match="dataset.loader=memory: 40 images at 32px.*more than the host's available"):
+        data_of("image_folder", root, loader="memory", batch_size=8)
 
 
 @pytest.mark.parametrize("loader", ["memory", "stream"])
@@ -223,7 +237,34 @@ def test_channel_stats_are_exact_over_chunks():
     """Integer sums chunk by chunk (no float64 copy of the set) give the float64 statistics."""
     from resnet_train.data import channel_stats
     images = torch.randint(0, 256, (1000, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    mean, std = channel_stats(images, chunk=300)
+    mean, std = channel_stats(images, chunk_bytes=300 * 8 * images[0].numel())
     reference = images.reshape(-1, 3).double() / 255
     assert mean == pytest.approx(reference.mean(0).tolist(), abs=1e-12)
     assert std == pytest.approx(reference.std(0).tolist(), abs=1e-12)
+
+
+def _hold_a_streamed_iterator(root: str, pid_file: str) -> None:
+    train = data_of("image_folder", root, loader="stream", val_size=0, batch_size=4, num_workers=1).train
+    batches = iter(train)
+    next(batches)
+    Path(pid_file).write_text(str(batches.gi_frame.f_locals["self"].loader._iterator._workers[0].pid))
+    time.sleep(600)
+
+
+def test_loader_workers_end_with_a_killed_run_under_forkserver(tmp_path):
+    """A worker's parent is the forkserver, not the run, so torch's own watchdog never fires; ours does."""
+    root = write_image_folder(tmp_path, {"train": 16}, num_classes=2)
+    pid_file = tmp_path / "worker.pid"
+    run = _fork_context().Process(target=_hold_a_streamed_iterator, args=(str(root), str(pid_file)))
+    run.start()
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and run.is_alive()
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    run.kill()
+    run.join()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists():
+        assert time.monotonic() < deadline, "the DataLoader worker outlived its run"
+        time.sleep(0.1)

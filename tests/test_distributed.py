@@ -26,10 +26,12 @@ def torchrun(runner: Runner, *args: str):
 
 def test_environment_gives_the_ranks():
     assert from_environment({}) == World()
-    assert from_environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1, "torchrun")
+    assert from_environment({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == World(3, 4, 1, "torchrun", 4)
+    assert from_environment({"WORLD_SIZE": "16", "RANK": "9", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}) == \
+        World(9, 16, 1, "torchrun", 8)
     slurm = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-             "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
-    assert from_environment(slurm) == World(5, 8, 1, "slurm")
+             "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+    assert from_environment(slurm) == World(5, 8, 1, "slurm", 4)
     assert from_environment({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == World()  # a batch script, not srun
     assert slurm_master(slurm) == ("gpu07", str(20000 + 123456 % 20000))
     assert slurm_master({"SLURM_JOB_NODELIST": "a1,b2"})[0] == "a1"
@@ -190,4 +192,4 @@ def test_slurm_launcher_submits_one_task_per_gpu(tmp_path, monkeypatch):
         assert line in script.splitlines(), script
     assert "\nsrun " in script  # every task is started by srun: a step of 8 tasks
     step = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_STEP_NODELIST": "gpu[1-2]"}
-    assert from_environment(step) == World(6, 8, 2, "slurm")
+    assert from_environment(step) == World(6, 8, 2, "slurm", 8)  # (no SLURM_STEP_TASKS_PER_NODE: all here)

@@ -96,6 +96,37 @@ def test_killed_at_any_phase_then_resumed_equals_an_uninterrupted_run(reference,
     assert_same_run(reference, user.cwd / run)
 
 
+# The same battery streamed from an image folder by a worker process, with the random draws that
+# live outside the data order: dropout (the global generator), EMA, a per-image policy and MixUp.
+STREAMED = ["dataset=image_folder", "dataset.root=photos", "dataset.loader=stream", "dataset.val_size=40",
+            "num_workers=1", "model.dropout=0.5", "ema.decay=0.9", "augment=randaugment", "mix.mixup_alpha=0.2"]
+
+
+@pytest.fixture(scope="module")
+def streamed_reference(user) -> Path:
+    write_image_folder(user.cwd / "photos", {"train": 232, "test": 40}, num_classes=4)
+    assert_ok(user("resnet-train", *RUN, *STREAMED, "hydra.run.dir=runs/streamed-reference"))
+    return user.cwd / "runs" / "streamed-reference"
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_streamed_run_killed_at_any_phase_then_resumed_equals_an_uninterrupted_run(streamed_reference, user,
+                                                                                        phase):
+    """Killed with its decoding worker alive (the worker must not keep the run locked, nor the resume
+    draw differently)."""
+    run = f"runs/streamed-{phase.replace('@', '-')}"
+    kill(start_paused(user, phase, *RUN, *STREAMED, f"hydra.run.dir={run}"))
+    result = user("resnet-train", f"resume={run}")
+    if phase == "exit":
+        assert_one_error(result, "has finished all 2 epochs")
+    else:
+        assert_ok(result)
+    assert_same_run(streamed_reference, user.cwd / run)
+    ckpt, ref = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (user.cwd / run, streamed_reference))
+    assert all(torch.equal(ckpt["ema"]["weights"][k], w) for k, w in ref["ema"]["weights"].items())
+    assert torch.equal(ckpt["rng"][0]["torch"], ref["rng"][0]["torch"])  # (dropout draws from it)
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_again(reference, user):
     for how in ("same command", "resume"):
         run = f"runs/early-{how.replace(' ', '-')}"

@@ -41,7 +41,10 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
     check_writable(output)
     trained = model_from_checkpoint(checkpoint, run_cfg.device, run_cfg.precision, run_cfg.channels_last, ckpt)
     norm = ckpt["normalization"]
-    data = load_data(run_cfg, trained.device, mean=norm["mean"], std=norm["std"])
+    # Only the split evaluated is read (and train/ only to hold validation images out of it); the
+    # classes are the model's.
+    data = load_data(run_cfg, trained.device, mean=norm["mean"], std=norm["std"], classes=trained.classes,
+                     splits=(cfg.split,))
     check_classes(trained.classes, data.classes, str(checkpoint))
     loader = data.test if cfg.split == "test" else data.val
     if loader is None:

@@ -98,7 +98,8 @@ def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
     norm = trained.checkpoint["normalization"]
     size = int(norm.get("stored_size") or norm["image_size"])
     try:  # (streamed: only the n files are decoded, not the whole folder)
-        data = load_data(trained.config, torch.device("cpu"), loader="stream")
+        data = load_data(trained.config, torch.device("cpu"), loader="stream", mean=norm["mean"], std=norm["std"],
+                         classes=trained.classes, splits=("test", "val"))
     except UserError:
         return export.random_images(n, size), f"{n} generated images (the run's data is not at hand)"
     for name, loader in (("test", data.test), ("validation", data.val)):
@@ -107,6 +108,8 @@ def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
         if getattr(loader, "images", None) is not None:
             images = loader.images[:n]
         else:  # streamed: decode the first files
-            images = torch.stack([decode_resized(path, size).permute(1, 2, 0) for path, _ in loader.samples[:n]])
+            upright = trained.config.dataset.get("exif_transpose", True)
+            images = torch.stack([decode_resized(path, size, upright).permute(1, 2, 0)
+                                  for path, _ in loader.samples[:n]])
         return images.contiguous().numpy(), f"{len(images)} {name} images of the run"
     return export.random_images(n, size), f"{n} generated images (the run has no test or validation split)"

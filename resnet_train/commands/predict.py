@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..build import model_from_checkpoint
 from ..config import PREDICT_KEYS, check_values
 from ..data import BatchTransform, decode_resized
-from ..device import use_channels_last
+from ..device import describe, use_channels_last
 from ..errors import ConfigError, DataError
 from ..files import atomic_write, check_writable
 
@@ -46,31 +46,39 @@ def collect_files(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, S, S, 3) images on the CPU -> float logits
 
 
+@dataclass
+class Predictor:
+    score: Scorer
+    classes: list[str]
+    decode_size: int  # files are decoded to this size (CIFAR: 32, resized on the device as in training)
+    exif_transpose: bool  # files turned upright first, as in training
+    ran_as: str  # where and in what precision, for the user
+
+
 @torch.inference_mode()
-def predict_files(score: Scorer, files: list[Path], classes: list[str], decode_size: int, batch_size: int = 64,
+def predict_files(predictor: Predictor, files: list[Path], batch_size: int = 64,
                   topk: int = 3) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Top-k classes and probabilities for each readable file; (file, reason) for the others."""
-    predictions, skipped = [], []
+    predictions, skipped, classes = [], [], predictor.classes
     for start in range(0, len(files), batch_size):
         images, paths = [], []
         for path in files[start:start + batch_size]:
             try:
-                images.append(decode_resized(str(path), decode_size).permute(1, 2, 0))
+                images.append(decode_resized(str(path), predictor.decode_size, predictor.exif_transpose).permute(1, 2, 0))
                 paths.append(path)
             except DataError as e:
                 skipped.append((str(path), str(e).split(": ", 1)[-1]))
         if not images:
             continue
-        probabilities = score(torch.stack(images)).float().softmax(1)
+        probabilities = predictor.score(torch.stack(images)).float().softmax(1)
         top = probabilities.topk(min(topk, len(classes)), dim=1)
         for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             predictions.append(Prediction(path, [classes[i] for i in indices], values))
     return predictions, skipped
 
 
-def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
-    """A checkpoint's model on cfg.device, with the training preprocessing; its classes and the size
-    files are decoded to (CIFAR: 32, resized on the device as in training)."""
+def checkpoint_predictor(cfg: DictConfig) -> Predictor:
+    """A checkpoint's model on cfg.device, with the training preprocessing."""
     trained = model_from_checkpoint(cfg.checkpoint, cfg.device, cfg.precision)
     norm = trained.checkpoint["normalization"]
     transform = BatchTransform(norm["mean"], norm["std"], output_size=norm["image_size"],
@@ -79,15 +87,21 @@ def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
     def score(images: torch.Tensor) -> torch.Tensor:
         with trained.precision.autocast():
             return trained.model(transform(images.to(trained.device))).float()
-    return score, trained.classes, norm.get("stored_size", norm["image_size"])
+    precision = trained.precision.name
+    ran_as = (f"{trained.path} on {describe(trained.device)}, precision {precision}"
+              + (" (autocast; precision=fp32 gives the answers of an exported file)" if trained.precision.dtype else ""))
+    return Predictor(score, trained.classes, norm.get("stored_size", norm["image_size"]),
+                     bool(trained.config.dataset.get("exif_transpose", True)), ran_as)
 
 
-def exported_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
+def exported_predictor(cfg: DictConfig) -> Predictor:
     """An exported file (resnet-export) with its own preprocessing; classes and size from its metadata."""
     from ..export import load_exported
 
     exported = load_exported(cfg.model_file)
-    return exported, exported.metadata.classes, exported.metadata.input_size
+    meta = exported.metadata
+    return Predictor(exported, meta.classes, meta.input_size, meta.exif_transpose,
+                     f"{cfg.model_file} on the CPU, precision fp32")
 
 
 def write_csv(path: Path, predictions: list[Prediction], topk: int) -> None:
@@ -113,8 +127,8 @@ def predict(cfg: DictConfig) -> int:
     if not files:
         typed = f"[{','.join(inputs)}]"  # (as it is typed, not as a Python list)
         raise ConfigError(f"inputs={typed}: no files found" + "".join(f"; {i}: {why}" for i, why in skipped))
-    score, classes, decode_size = checkpoint_scorer(cfg) if cfg.checkpoint is not None else exported_scorer(cfg)
-    predictions, unreadable = predict_files(score, files, classes, decode_size, cfg.batch_size, cfg.topk)
+    predictor = checkpoint_predictor(cfg) if cfg.checkpoint is not None else exported_predictor(cfg)
+    predictions, unreadable = predict_files(predictor, files, cfg.batch_size, cfg.topk)
     skipped += unreadable
     width = max((len(str(p.path)) for p in predictions), default=10)
     for p in predictions:
@@ -124,6 +138,7 @@ def predict(cfg: DictConfig) -> int:
     if not predictions:
         raise DataError(f"none of the {len(files)} file(s) could be read as an image; {cfg.output} not written")
     output = Path(cfg.output)
-    write_csv(output, predictions, min(cfg.topk, len(classes)))
-    print(f"\n{len(predictions)} image(s) predicted, {len(skipped)} skipped; wrote {output}")
+    write_csv(output, predictions, min(cfg.topk, len(predictor.classes)))
+    print(f"\npredicted by {predictor.ran_as}")
+    print(f"{len(predictions)} image(s) predicted, {len(skipped)} skipped; wrote {output}")
     return 1 if skipped or not predictions else 0

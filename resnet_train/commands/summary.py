@@ -102,7 +102,7 @@ def summary_table(args: list[str]) -> str:
 
 
 def _num_classes(cfg: DictConfig) -> int:
-    from ..data import list_image_folder
+    from ..data import scan_image_folder
 
     known = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset.name)
-    return known or len(list_image_folder(Path(cfg.dataset.root).expanduser() / "train")[1])
+    return known or len(scan_image_folder(Path(cfg.dataset.root).expanduser() / "train", log=lambda line: None).classes)

@@ -6,7 +6,9 @@ are decoded by DataLoader workers (`StreamLoader`). Either way each batch reache
 uint8 and is augmented, resized and normalized there, per batch, from a generator seeded by
 (seed, epoch): the same seed gives the same batches.
 
-    sources.py     CIFAR and image folders on disk -> uint8 tensors or file lists; splits
+    sources.py     CIFAR and image files on disk -> uint8 tensors; splits; statistics
+    folders.py     an image folder's tree -> (file, class) samples, links and odd files handled
+    storage.py     whether decoded images are held in memory or streamed
     loaders.py     batches of a split, in a seeded order, sharded over processes
     transforms.py  the per-batch augmentation and normalization on the device
     policies.py    per-image AutoAugment / RandAugment / TrivialAugment, cutout, random erasing
@@ -14,7 +16,6 @@ uint8 and is augmented, resized and normalized there, per batch, from a generato
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,22 +24,26 @@ import torch
 
 from ..config import DATASETS, stored_image_size
 from ..errors import DataError
+from .folders import scan_image_folder
 from .loaders import Loader, MemoryLoader, Shard, StreamLoader, epoch_generator
 from .sources import (
     CIFAR,
+    DecodedFiles,
     Split,
     channel_stats,
+    check_readable,
     decode_all,
     decode_resized,
-    list_image_folder,
+    decoded_chunks,
     load_cifar,
     stratified_split,
 )
+from .storage import plan_storage
 from .transforms import Augment, BatchTransform, crop_flip, draw_augmentation
 
 __all__ = ["Augment", "Batching", "BatchTransform", "CIFAR", "Data", "DataError", "DatasetSpec", "Loader", "MemoryLoader",
            "Shard", "StreamLoader", "build_data", "channel_stats", "crop_flip", "decode_all", "decode_resized", "draw_augmentation",
-           "epoch_generator", "list_image_folder", "load_cifar", "stratified_split"]
+           "epoch_generator", "load_cifar", "plan_storage", "scan_image_folder", "stratified_split"]
 
 # --------------------------------------------------------------------------------------------
 # Config values → loaders
@@ -57,13 +62,6 @@ class Data:
     stored_size: int  # what images are decoded to (CIFAR: 32, then resized per batch to image_size)
     val_source: str  # where validation images come from, for the log
     storage: str  # "memory" or "stream"
-
-
-def memory_budget_bytes(device: torch.device) -> int:
-    """How much decoded data `loader=auto` keeps in memory: a third of the device's (or host's) memory."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 3
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3
 
 
 def resolve_val_size(val_size: int | float, n_train: int) -> int:
@@ -87,11 +85,15 @@ class DatasetSpec:
     split_seed: int = 0
     download: bool = False
     loader: str = "memory"  # memory | stream | auto (memory when it fits)
+    exif_transpose: bool = True  # image files turned upright as their EXIF orientation says
+    # Given by resnet-eval and resnet-export, not the config: what a trained model already knows.
+    classes: Sequence[str] | None = None  # the model's classes (None: the train/ folder's)
+    splits: Sequence[str] = ("train", "val", "test")  # the splits a command reads
 
 
 @dataclass(frozen=True)
 class Batching:
-    """How splits become batches on the device."""
+    """How splits are read and become batches on the device."""
 
     batch_size: int  # the global training batch (split over a shard's processes)
     eval_batch_size: int
@@ -99,6 +101,8 @@ class Batching:
     seed: int = 0  # order and augmentation of each epoch
     num_workers: int = 0  # decoding processes
     channels_last: bool = True
+    progress: bool | None = False  # progress bars while decoding and checking files (None: on a terminal)
+    processes_here: int = 1  # training processes on this machine, each with its own in-memory copy
 
 
 def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, shard: Shard = Shard(),
@@ -112,13 +116,13 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
         val, storage = None, "memory"
     elif dataset.name == "image_folder":
         root = root.resolve()
-        train, val, test, classes, storage = _read_image_folder(root, dataset, device, batching.num_workers, log)
+        train, val, test, classes, storage = _read_image_folder(root, dataset, batching, device, log)
     else:
         raise DataError(f"dataset.name={dataset.name!r} is not one of {', '.join(DATASETS)}")
     train, val, val_source = _validation_split(train, val, test, dataset.val_size, dataset.split_seed, root)
-    if batching.batch_size > len(train):
+    if train is not None and batching.batch_size > len(train):
         raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({len(train):,} images)")
-    mean, std = _normalization(dataset, train, batching.num_workers, log)
+    mean, std = _normalization(dataset, train, batching, log)
 
     def make(split: Split | None, train_mode: bool) -> Loader | None:
         if split is None:
@@ -130,55 +134,83 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
         if storage == "memory":
             return MemoryLoader(split.images.to(device), split.labels.to(device), per_process, transform, train_mode,
                                 batching.seed, shard)
-        return StreamLoader(split.samples, dataset.image_size, per_process, transform, train_mode, device,
-                            batching.seed, batching.num_workers, shard)
+        files = DecodedFiles(split.samples, dataset.image_size, dataset.exif_transpose)
+        return StreamLoader(files, per_process, transform, train_mode, device, batching.seed, batching.num_workers,
+                            shard)
 
     test_loader = make(test, False)
     val_loader = test_loader if val is test else make(val, False)
-    return Data(make(train, True), val_loader, test_loader, classes, mean, std, dataset.image_size, stored_size,
+    train_loader = make(train, True) if "train" in dataset.splits else None
+    return Data(train_loader, val_loader, test_loader, classes, mean, std, dataset.image_size, stored_size,
                 val_source, storage)
 
 
-def _normalization(dataset: DatasetSpec, train: Split, num_workers: int,
+def _normalization(dataset: DatasetSpec, train: Split | None, batching: Batching,
                    log) -> tuple[list[float] | None, list[float] | None]:
     """The mean and std batches are normalized with: given, computed from the training images, or none."""
     if not dataset.normalize:
         return None, None
     mean, std = dataset.mean, dataset.std
     if mean is None or std is None:
-        computed = _channel_stats_of(train, dataset.image_size, dataset.split_seed, num_workers)
+        if train is None:
+            raise DataError("dataset.mean and dataset.std are needed: there are no training images to compute them from")
+        computed = _channel_stats_of(train, dataset, batching)
         mean, std = mean or computed[0], std or computed[1]
         log(f"Normalization computed from the training images: mean {_fmt(mean)}, std {_fmt(std)}")
     return list(mean), list(std)
 
 
-def _read_image_folder(root: Path, dataset: DatasetSpec, device: torch.device, num_workers: int,
-                       log) -> tuple[Split, Split | None, Split | None, list[str], str]:
-    """root/train (and root/val, root/test where present) as splits, decoded into memory at
-    image_size or left as file lists to stream (`dataset.loader`; auto: memory when it fits the budget)."""
-    image_size, loader = dataset.image_size, dataset.loader
-    samples, classes = list_image_folder(root / "train")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    to_split = lambda s: Split(torch.tensor([label for _, label in s]), samples=s)  # noqa: E731
+def _read_image_folder(root: Path, dataset: DatasetSpec, batching: Batching, device: torch.device,
+                       log) -> tuple[Split | None, Split | None, Split | None, list[str], str]:
+    """root/train, root/val and root/test (those present and needed) as splits, decoded into memory
+    at image_size or left as file lists to stream (`dataset.loader`; auto: memory when it fits)."""
+    scans = _scan_splits(root, dataset, log)
+    classes = list(dataset.classes) if dataset.classes is not None else scans["train"].classes
+    total = sum(len(scan.samples) for scan in scans.values())
+    plan = plan_storage(total, dataset.image_size, dataset.loader, device, batching.processes_here,
+                        batching.num_workers)
+    log(f"{root}: {plan.line}")
+    if plan.storage == "stream" and "train" in dataset.splits:
+        check_readable([path for scan in scans.values() for path, _ in scan.samples], batching.num_workers,
+                       batching.progress)
 
-    def optional_split(name: str) -> Split | None:
-        folder = root / name
-        return to_split(list_image_folder(folder, class_to_idx)[0]) if folder.is_dir() else None
-
-    train, val, test = to_split(samples), optional_split("val"), optional_split("test")
-    total = sum(len(s) for s in (train, val, test) if s is not None)
-    storage = loader
-    if loader == "auto":
-        storage = "memory" if total * image_size ** 2 * 3 <= memory_budget_bytes(device) else "stream"
-    if storage == "memory":
-        log(f"Decoding {total:,} images from {root} at {image_size}x{image_size} into memory")
-        decoded = lambda s: Split(s.labels, images=decode_all(s.samples, image_size, num_workers))  # noqa: E731
-        train, val, test = (None if s is None else decoded(s) for s in (train, val, test))
-    return train, val, test, classes, storage
+    def split(name: str) -> Split | None:
+        if name not in scans:
+            return None
+        samples = scans[name].samples
+        labels = torch.tensor([label for _, label in samples])
+        if plan.storage == "stream":
+            return Split(labels, samples=samples)
+        return Split(labels, images=decode_all(samples, dataset.image_size, batching.num_workers,
+                                               dataset.exif_transpose, batching.progress))
+    return split("train"), split("val"), split("test"), classes, plan.storage
 
 
-def _validation_split(train: Split, val: Split | None, test: Split | None, val_size: int | float, split_seed: int,
-                      root: Path) -> tuple[Split, Split | None, str]:
+def _scan_splits(root: Path, dataset: DatasetSpec, log) -> dict:
+    """The folders of the splits a command needs: train/ when it trains, defines the classes or
+    holds the validation images out; val/ and test/ when read (test/ also stands in for val)."""
+    splits, known = set(dataset.splits), dataset.classes
+    if "val" in splits and dataset.val_size == 0:
+        splits.add("test")
+    if "val" in splits and not (root / "val").is_dir() and dataset.val_size != 0:
+        splits.add("train")
+    scans = {}
+    if "train" in splits or known is None:
+        index = None if known is None else {c: i for i, c in enumerate(known)}
+        scans["train"] = scan_image_folder(root / "train", index, "the model", log)
+    index = {c: i for i, c in enumerate(known if known is not None else scans["train"].classes)}
+    for name in ("val", "test"):
+        if name in splits and (root / name).is_dir():
+            scans[name] = scan_image_folder(root / name, index, "train/" if known is None else "the model", log)
+            shared = scans[name].real_paths & scans["train"].real_paths if "train" in scans else set()
+            if shared:
+                log(f"warning: {len(shared):,} files of {root / name} are also in {root / 'train'} (the same "
+                    f"files, through links): accuracy on {name}/ overstates what the model learned")
+    return scans
+
+
+def _validation_split(train: Split | None, val: Split | None, test: Split | None, val_size: int | float,
+                      split_seed: int, root: Path) -> tuple[Split | None, Split | None, str]:
     """(train, val, where validation comes from): a val/ folder as it is; val_size=0 validates on the
     test split; otherwise val_size images held out from training, stratified by class."""
     if val is not None:
@@ -186,19 +218,26 @@ def _validation_split(train: Split, val: Split | None, test: Split | None, val_s
     if val_size == 0:
         return train, test, ("the test split (dataset.val_size=0: training on every training image)"
                              if test is not None else "none")
+    if train is None:
+        return None, None, "none"
     n_val = resolve_val_size(val_size, len(train))
     train_idx, val_idx = stratified_split(train.labels, n_val, split_seed)
     source = f"{n_val:,} images held out from the training split (stratified, dataset.split_seed={split_seed})"
     return train.subset(train_idx), train.subset(val_idx), source
 
 
-def _channel_stats_of(train: Split, image_size: int, split_seed: int, num_workers: int) -> tuple[list, list]:
-    """Per-channel mean and std of the training images (streamed ones: estimated from 2,000 of them)."""
-    images = train.images
-    if images is None:
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))[:2000]
-        images = decode_all([train.samples[i] for i in pick.tolist()], image_size, num_workers)
-    return channel_stats(images)
+STATS_IMAGES = 2000  # a streamed set's statistics are estimated from this many of its images
+
+
+def _channel_stats_of(train: Split, dataset: DatasetSpec, batching: Batching) -> tuple[list, list]:
+    """Per-channel mean and std of the training images (streamed ones: estimated from 2,000 of them,
+    decoded a chunk at a time and never held together)."""
+    if train.images is not None:
+        return channel_stats(train.images)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(dataset.split_seed))[:STATS_IMAGES]
+    chunks = decoded_chunks([train.samples[i] for i in pick.tolist()], dataset.image_size, batching.num_workers,
+                            dataset.exif_transpose, batching.progress)
+    return channel_stats(chunks)
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -3,8 +3,12 @@ workers (`StreamLoader`), in an order seeded by (seed, epoch), sharded over data
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -103,26 +107,51 @@ class _EpochSampler(torch.utils.data.Sampler):
         return iter(batches.reshape(-1).tolist())
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary."""
+def _start_worker(run_pid: int, worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary, and end
+    with the run even when it is SIGKILLed: torch's own watchdog watches the worker's parent, which
+    under the forkserver start method (Python 3.14's default) is the server, not the run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_gone, args=(run_pid,), daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    while _is_running(pid):
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed run its parent has not reaped yet is a zombie: gone all the same
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 class StreamLoader:
     """Image files decoded by DataLoader workers; augmentation still runs per batch on the device."""
 
-    # (nine parameters: MemoryLoader's, plus where the files are decoded to and by how many workers)
-    def __init__(self, samples: list[tuple[str, int]], image_size: int, batch_size: int, transform: BatchTransform,
-                 train: bool, device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard()):
+    def __init__(self, files: DecodedFiles, batch_size: int, transform: BatchTransform, train: bool,
+                 device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard()):
         self.transform, self.train, self.device, self.seed, self.shard = transform, train, device, seed, shard
-        self.batch_size, self.epoch, self.skip, self.image_size = batch_size, 0, 0, image_size
-        self.samples = samples
-        self.sampler = _EpochSampler(len(samples), seed, train, batch_size, shard)
+        self.batch_size, self.epoch, self.skip, self.image_size = batch_size, 0, 0, files.size
+        self.samples = files.samples
+        self.sampler = _EpochSampler(len(files), seed, train, batch_size, shard)
+        # The loader's own generator: its iterators draw their workers' base seed from it, not from
+        # the global RNG, which a resumed run restores and dropout draws from.
         self.loader = torch.utils.data.DataLoader(
-            DecodedFiles(samples, image_size), batch_size=batch_size, sampler=self.sampler, drop_last=train,
-            num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_ignore_sigint)
-        self.num_images = len(samples)
+            files, batch_size=batch_size, sampler=self.sampler, drop_last=train, num_workers=num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=functools.partial(_start_worker, os.getpid()),
+            generator=torch.Generator().manual_seed(seed))
+        self.num_images = len(files)
 
     def __len__(self) -> int:
         """Batches in a whole epoch (also when this one starts after `skip` batches)."""

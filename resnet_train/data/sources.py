@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import math
 import urllib.error
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
 
 from ..errors import DataError
 
@@ -87,12 +86,14 @@ def _cifar_help(cls, title: str, root: Path, folder: Path, why: str) -> str:
             f"giving {folder}/), or point dataset.root at a folder that contains {cls.base_folder}/")
 
 
-def decode_resized(path: str, size: int) -> torch.Tensor:
-    """Decode one image file as RGB uint8 CHW, shorter side resized to `size`, center-cropped square."""
+def decode_resized(path: str, size: int, exif_transpose: bool = True) -> torch.Tensor:
+    """Decode one image file as RGB uint8 CHW, shorter side resized to `size`, center-cropped square;
+    turned upright first as its EXIF orientation says (phone photos are stored sideways)."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
-            img = TF.pil_to_tensor(_as_8bit_rgb(im, path))
+            upright = ImageOps.exif_transpose(im) if exif_transpose else im
+            img = TF.pil_to_tensor(_as_8bit_rgb(upright, path))
     except DataError:
         raise
     except Exception as e:
@@ -117,56 +118,88 @@ def _as_8bit_rgb(im: Image.Image, path: str) -> Image.Image:
     return im.convert("RGB")
 
 
-def list_image_folder(folder: Path,
-                      class_to_idx: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """Samples and class names of an ImageFolder-style tree (`folder/<class>/<image>`)."""
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist; expected {folder}/<class>/<image files>")
-    try:
-        classes, found_idx = find_classes(folder)
-    except FileNotFoundError:
-        raise DataError(f"no class folders in {folder}; expected {folder}/<class>/<image files>") from None
-    if class_to_idx is not None:
-        unknown = sorted(set(classes) - set(class_to_idx))
-        if unknown:
-            raise DataError(f"{folder} has classes that train/ does not: {', '.join(unknown[:10])}")
-    samples = make_dataset(folder, class_to_idx or found_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    if not samples:
-        raise DataError(f"no images in the class folders of {folder} (looked for {', '.join(IMG_EXTENSIONS)})")
-    if class_to_idx is None:  # the training split defines the classes: each needs images, and two at least
-        counts = Counter(label for _, label in samples)
-        empty = [c for i, c in enumerate(classes) if not counts[i]]
-        if empty:
-            raise DataError(f"class folder {folder / empty[0]} has no images ({len(empty)} empty in all); "
-                            "add images or remove the folder")
-        if len(classes) < 2:
-            raise DataError(f"{folder} has one class ({classes[0]}); a classifier needs at least two class folders")
-    return samples, classes
-
-
 class DecodedFiles(torch.utils.data.Dataset):
     """Files → uint8 HWC tensors at `size` x `size` (shorter side resized, then center-cropped)."""
 
-    def __init__(self, samples: list[tuple[str, int]], size: int):
-        self.samples, self.size = samples, size
+    def __init__(self, samples: list[tuple[str, int]], size: int, exif_transpose: bool = True):
+        self.samples, self.size, self.exif_transpose = samples, size, exif_transpose
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        return decode_resized(path, self.size).permute(1, 2, 0), label
+        return decode_resized(path, self.size, self.exif_transpose).permute(1, 2, 0), label
 
 
-def decode_all(samples: list[tuple[str, int]], size: int, num_workers: int) -> torch.Tensor:
-    """Decode every file once, in parallel, into one uint8 NHWC tensor."""
-    loader = torch.utils.data.DataLoader(DecodedFiles(samples, size), batch_size=256, num_workers=num_workers)
+CHUNK_BYTES = 32 * 1024 ** 2  # decoded images handled at a time: decoding batches, statistics chunks
+
+
+def images_per_chunk(bytes_per_image: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // bytes_per_image)
+
+
+def decoded_chunks(samples: list[tuple[str, int]], size: int, num_workers: int, exif_transpose: bool = True,
+                   progress: bool | None = False) -> Iterator[torch.Tensor]:
+    """The files decoded in order, in parallel, as uint8 NHWC chunks of a few tens of MB."""
+    loader = torch.utils.data.DataLoader(DecodedFiles(samples, size, exif_transpose),
+                                         batch_size=images_per_chunk(size * size * 3), num_workers=num_workers)
+    with tqdm(total=len(samples), desc="decoding", unit="img", leave=False, dynamic_ncols=True,
+              disable=None if progress is None else not progress) as bar:
+        for images, _ in from_workers(loader):
+            bar.update(len(images))
+            yield images
+
+
+def decode_all(samples: list[tuple[str, int]], size: int, num_workers: int, exif_transpose: bool = True,
+               progress: bool | None = False) -> torch.Tensor:
+    """Decode every file once into one uint8 NHWC tensor, the only full-size copy."""
     out = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
     i = 0
-    for images, _ in from_workers(loader):
+    for images in decoded_chunks(samples, size, num_workers, exif_transpose, progress):
         out[i:i + len(images)] = images
         i += len(images)
     return out
+
+
+class _Header(torch.utils.data.Dataset):
+    """Opens a file and reads its header (format, size, mode): None when it can be decoded, else why not."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str | None:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                if im.mode == "F" or min(im.size) < 1:
+                    return f"{path} ({'floating-point pixels' if im.mode == 'F' else 'an empty image'})"
+        except Exception as e:
+            return f"{path} ({e})"
+        return None
+
+
+def _count_and_problems(batch: list[str | None]) -> tuple[int, list[str]]:
+    return len(batch), [p for p in batch if p]
+
+
+def check_readable(paths: list[str], num_workers: int, progress: bool | None = False) -> None:
+    """Read every file's header (in parallel) so a broken file stops a streamed run before training,
+    not when an epoch, or the final test, reaches it."""
+    loader = torch.utils.data.DataLoader(_Header(paths), batch_size=256, num_workers=num_workers,
+                                         collate_fn=_count_and_problems)
+    problems = []
+    with tqdm(total=len(paths), desc="checking files", unit="file", leave=False, dynamic_ncols=True,
+              disable=None if progress is None else not progress) as bar:
+        for count, found in loader:
+            problems += found
+            bar.update(count)
+    if problems:
+        more = f"; and {len(problems) - 1:,} more" if len(problems) > 1 else ""
+        raise DataError(f"could not read image {problems[0]}{more}: remove or replace them before training")
 
 
 def from_workers(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
@@ -195,18 +228,19 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     return mask.nonzero().squeeze(1), val.sort().values
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0..1 scale, unbiased) of uint8 NHWC images, from exact integer sums
-    over chunks: no float64 copy of the whole set (8x its size), no float64 on any device."""
-    channels = images.shape[-1]
-    total, squares = [0] * channels, [0] * channels
-    for part in images.split(chunk):
-        x = part.reshape(-1, channels).long()
-        total = [a + b for a, b in zip(total, x.sum(0).tolist())]
-        squares = [a + b for a, b in zip(squares, (x * x).sum(0).tolist())]
-    n = images[..., 0].numel()
+def channel_stats(images: torch.Tensor | Iterable[torch.Tensor],
+                  chunk_bytes: int = CHUNK_BYTES) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 scale, unbiased) of uint8 NHWC images (one tensor, or chunks
+    of them as they are decoded), from exact integer sums over parts of a few MB: their int64 copies
+    take 8x, so the parts, not the set, bound the memory. No float64 on any device."""
+    chunks = [images] if isinstance(images, torch.Tensor) else images
+    total = squares = 0
+    n = 0
+    for chunk in chunks:
+        for part in chunk.split(images_per_chunk(chunk[0].numel(), chunk_bytes // 8)):
+            x = part.reshape(-1, part.shape[-1]).long()
+            total, squares, n = total + x.sum(0), squares + (x * x).sum(0), n + len(x)
+    total, squares = total.tolist(), squares.tolist()
     mean = [s / n / 255 for s in total]
     std = [math.sqrt(max(q - s * s / n, 0) / max(n - 1, 1)) / 255 for s, q in zip(total, squares)]
     return mean, std
-
-

@@ -37,6 +37,7 @@ class ExportMetadata:
     source_checkpoint: str = ""
     preprocessing_included: bool = True  # the graph takes uint8 NHWC images and normalizes itself
     stored_size: int | None = None  # training stored images at this size and resized them to image_size
+    exif_transpose: bool = True  # training turned image files upright as their EXIF orientation says
 
     @property
     def input_size(self) -> int:
@@ -70,6 +71,12 @@ class ExportMetadata:
                 "exported_with": f"resnet-train {__version__}, torch {torch.__version__}"}
 
     def input_description(self) -> str:
+        return self._tensor_description() + (
+            "; image files decoded as in training: turned upright as their EXIF orientation says "
+            "(PIL.ImageOps.exif_transpose), then the shorter side resized and center-cropped"
+            if self.exif_transpose else "; image files decoded as in training: EXIF orientation ignored")
+
+    def _tensor_description(self) -> str:
         size, given = self.image_size, self.input_size
         resize = f"a bilinear resize from {given}x{given} to {size}x{size} (as in training)" if self.stored_size else ""
         if self.preprocessing_included:
@@ -104,7 +111,8 @@ def metadata_of(trained: TrainedModel, preprocessing_included: bool = True) -> E
     size, stored = int(norm["image_size"]), int(norm.get("stored_size") or norm["image_size"])
     return ExportMetadata(arch_of(trained.config), trained.config.model.stem, list(trained.classes), size,
                           norm.get("mean"), norm.get("std"), str(trained.path), preprocessing_included,
-                          stored_size=stored if stored != size else None)
+                          stored_size=stored if stored != size else None,
+                          exif_transpose=bool(trained.config.dataset.get("exif_transpose", True)))
 
 
 def read_metadata(props: Mapping[str, str | bytes], path: Path) -> ExportMetadata:
