@@ -27,7 +27,7 @@ from .data import Augment, Batching, Data, DatasetSpec, Shard, build_data
 from .device import Precision
 from .ema import WeightEMA
 from .engine import OptimizerStep, StepSettings
-from .errors import ConfigError, UserError
+from .errors import ConfigError, DataError, UserError, is_out_of_memory
 from .mixing import Mixer
 from .optim import Scheduler, build_optimizer
 from .runs import find_checkpoint
@@ -55,8 +55,21 @@ def load_data(cfg: DictConfig, device: torch.device, shard: Shard = Shard(), **o
     # One process per machine downloads CIFAR, the others read its files; image folders are read
     # by every process at once.
     downloading = dataset.name in CIFAR_DATASETS and dataset.download
-    with distributed.local_main_first() if downloading else contextlib.nullcontext():
+    with distributed.local_main_first() if downloading else contextlib.nullcontext(), _memory_for(dataset):
         return build_data(dataset, batching, device, shard, log=log.info)
+
+
+@contextlib.contextmanager
+def _memory_for(dataset: DatasetSpec):
+    """Running out of memory while the images are read is the data's size, not the batch size's
+    (which is what an out-of-memory error is blamed on later, in a step)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise DataError(f"out of memory while reading {dataset.root or dataset.name} at {dataset.image_size}px; "
+                        "stream it from disk with dataset.loader=stream, or lower dataset.image_size") from None
 
 
 def build_model(cfg: DictConfig, num_classes: int, device: torch.device,

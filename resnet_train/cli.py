@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from . import runs, sweep, world  # sweep registers the job-name resolver train.yaml uses
 from .composing import hydra_error
 from .config import CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PREDICT_KEYS, Key, override_key
-from .errors import Refused, UserError
+from .errors import Refused, UserError, is_out_of_memory
 from .files import STORAGE_ERRNOS, storage_error
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -80,8 +80,8 @@ def as_job(fn: Callable[..., Any], cfg: DictConfig, *args: Any) -> Any:
             return fn(cfg, *args)
         except OmegaConfBaseException as e:  # a config it cannot read: one line, not Hydra's job report
             raise hydra_error(e) from None
-        except RuntimeError as e:  # torch.OutOfMemoryError is one, as are MPS's and the CPU allocator's
-            if not any(s in str(e) for s in ("out of memory", "can't allocate memory")):
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
                 raise
             raise _out_of_memory(cfg) from None
     except UserError as e:

@@ -72,3 +72,10 @@ class Refused(BaseException):
     def __init__(self, error: UserError):
         super().__init__(str(error))
         self.error = error
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: torch.OutOfMemoryError, MPS's and the CPU allocator's RuntimeErrors
+    (which have no class of their own), Python's MemoryError."""
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "can't allocate memory")))

@@ -178,6 +178,20 @@ def test_a_streamed_run_finds_a_broken_test_image_before_training(tmp_path, imag
     assert "epoch" not in result.stdout.lower() and not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
+def test_running_out_of_memory_while_reading_blames_the_data_not_the_batch(tmp_path, image_folder_root):
+    hook = tmp_path / "oom_hook.py"
+    hook.write_text("import resnet_train.data as data\n"
+                    "def decode_all(*args, **kwargs):\n"
+                    "    raise RuntimeError('[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can\\'t "
+                    "allocate memory: you tried to allocate 4816896000 bytes.')\n"
+                    "data.decode_all = decode_all\n")
+    result = Runner(tmp_path, RESNET_TRAIN_TEST_HOOK=str(hook))(
+        "resnet-train", "model=resnet20", "dataset=image_folder", f"dataset.root={image_folder_root}",
+        "dataset.loader=memory", "epochs=1")
+    assert_one_error(result, "out of memory while reading", str(image_folder_root), "dataset.loader=stream")
+    assert "batch_size" not in result.stderr
+
+
 def test_eval_reads_only_the_split_it_evaluates(tmp_path, image_folder_root):
     """A folder holding only test/: the classes are the checkpoint's."""
     user = Runner(tmp_path)

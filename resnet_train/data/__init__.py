@@ -120,6 +120,8 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
     else:
         raise DataError(f"dataset.name={dataset.name!r} is not one of {', '.join(DATASETS)}")
     train, val, val_source = _validation_split(train, val, test, dataset.val_size, dataset.split_seed, root)
+    if storage == "memory" and dataset.name == "image_folder":
+        train, val, test = _decoded((train, val, test), dataset, batching)
     if train is not None and batching.batch_size > len(train):
         raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({len(train):,} images)")
     mean, std = _normalization(dataset, train, batching, log)
@@ -162,8 +164,8 @@ def _normalization(dataset: DatasetSpec, train: Split | None, batching: Batching
 
 def _read_image_folder(root: Path, dataset: DatasetSpec, batching: Batching, device: torch.device,
                        log) -> tuple[Split | None, Split | None, Split | None, list[str], str]:
-    """root/train, root/val and root/test (those present and needed) as splits, decoded into memory
-    at image_size or left as file lists to stream (`dataset.loader`; auto: memory when it fits)."""
+    """root/train, root/val and root/test (those present and needed) as file lists, and where they
+    will be kept (`dataset.loader`; auto: decoded into memory when they fit, else streamed)."""
     scans = _scan_splits(root, dataset, log)
     classes = list(dataset.classes) if dataset.classes is not None else scans["train"].classes
     total = sum(len(scan.samples) for scan in scans.values())
@@ -178,12 +180,19 @@ def _read_image_folder(root: Path, dataset: DatasetSpec, batching: Batching, dev
         if name not in scans:
             return None
         samples = scans[name].samples
-        labels = torch.tensor([label for _, label in samples])
-        if plan.storage == "stream":
-            return Split(labels, samples=samples)
-        return Split(labels, images=decode_all(samples, dataset.image_size, batching.num_workers,
-                                               dataset.exif_transpose, batching.progress))
+        return Split(torch.tensor([label for _, label in samples]), samples=samples)
     return split("train"), split("val"), split("test"), classes, plan.storage
+
+
+def _decoded(splits: tuple[Split | None, ...], dataset: DatasetSpec, batching: Batching) -> list[Split | None]:
+    """The splits' files decoded into memory, once each (validation may be the test split), after the
+    validation images were held out: holding them out of decoded images would copy them all."""
+    decoded: dict[int, Split] = {}
+    for split in splits:
+        if split is not None and id(split) not in decoded:
+            decoded[id(split)] = Split(split.labels, images=decode_all(
+                split.samples, dataset.image_size, batching.num_workers, dataset.exif_transpose, batching.progress))
+    return [None if split is None else decoded[id(split)] for split in splits]
 
 
 def _scan_splits(root: Path, dataset: DatasetSpec, log) -> dict:
