@@ -17,7 +17,6 @@ import fcntl
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 

@@ -3,7 +3,6 @@ format Pillow opens, Unicode class names, EXIF orientation, memory bounded by ch
 that read only the split they need."""
 
 import os
-import resource
 import subprocess
 import sys
 import unicodedata

@@ -33,6 +33,7 @@ SKIPPED = {  # a README line starting with ... : why it is not run here
     "pip install": "installs what these tests run with",
     "python -m pytest": "the test suite itself",
     "python scripts/benchmark.py": "benchmarks print tables; they are never timed in tests",
+    "python scripts/make_photo_folder.py": "reads the shared CIFAR-10 copy, which the tests must not depend on (benchmark input)",
     "bash scripts/gpu_smoke.sh": "needs a CUDA GPU (run by hand where there is one)",
     "torchrun --nnodes": "needs several machines",
     "resnet-train -m hydra/launcher=slurm": "needs a SLURM cluster (the launcher config is tested in test_distributed)",

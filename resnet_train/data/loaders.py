@@ -3,22 +3,17 @@ workers (`StreamLoader`), in an order seeded by (seed, epoch), sharded over data
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .sources import DecodedFiles, from_workers
+from .sources import DecodedFiles
 from .transforms import BatchTransform, epoch_generator
+from .workers import from_workers, worker_init
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
 
 
 @dataclass(frozen=True)
@@ -107,34 +102,6 @@ class _EpochSampler(torch.utils.data.Sampler):
         return iter(batches.reshape(-1).tolist())
 
 
-def _start_worker(run_pid: int, worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary, and end
-    with the run even when it is SIGKILLed: torch's own watchdog watches the worker's parent, which
-    under the forkserver start method (Python 3.14's default) is the server, not the run."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_gone, args=(run_pid,), daemon=True).start()
-
-
-def _exit_when_gone(pid: int) -> None:
-    while _is_running(pid):
-        time.sleep(1.0)
-    os._exit(0)
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed run its parent has not reaped yet is a zombie: gone all the same
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 class StreamLoader:
     """Image files decoded by DataLoader workers; augmentation still runs per batch on the device."""
 
@@ -149,7 +116,7 @@ class StreamLoader:
         self.loader = torch.utils.data.DataLoader(
             files, batch_size=batch_size, sampler=self.sampler, drop_last=train, num_workers=num_workers,
             pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=functools.partial(_start_worker, os.getpid()),
+            prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=worker_init(),
             generator=torch.Generator().manual_seed(seed))
         self.num_images = len(files)
 

@@ -7,7 +7,7 @@ import math
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from .workers import from_workers, worker_init
 
 
 @dataclass
@@ -143,7 +144,8 @@ def decoded_chunks(samples: list[tuple[str, int]], size: int, num_workers: int, 
                    progress: bool | None = False) -> Iterator[torch.Tensor]:
     """The files decoded in order, in parallel, as uint8 NHWC chunks of a few tens of MB."""
     loader = torch.utils.data.DataLoader(DecodedFiles(samples, size, exif_transpose),
-                                         batch_size=images_per_chunk(size * size * 3), num_workers=num_workers)
+                                         batch_size=images_per_chunk(size * size * 3), num_workers=num_workers,
+                                         worker_init_fn=worker_init())
     with tqdm(total=len(samples), desc="decoding", unit="img", leave=False, dynamic_ncols=True,
               disable=None if progress is None else not progress) as bar:
         for images, _ in from_workers(loader):
@@ -190,7 +192,7 @@ def check_readable(paths: list[str], num_workers: int, progress: bool | None = F
     """Read every file's header (in parallel) so a broken file stops a streamed run before training,
     not when an epoch, or the final test, reaches it."""
     loader = torch.utils.data.DataLoader(_Header(paths), batch_size=256, num_workers=num_workers,
-                                         collate_fn=_count_and_problems)
+                                         collate_fn=_count_and_problems, worker_init_fn=worker_init())
     problems = []
     with tqdm(total=len(paths), desc="checking files", unit="file", leave=False, dynamic_ncols=True,
               disable=None if progress is None else not progress) as bar:
@@ -200,16 +202,6 @@ def check_readable(paths: list[str], num_workers: int, progress: bool | None = F
     if problems:
         more = f"; and {len(problems) - 1:,} more" if len(problems) > 1 else ""
         raise DataError(f"could not read image {problems[0]}{more}: remove or replace them before training")
-
-
-def from_workers(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
-    """Iterate `loader`; a DataError raised in a worker process arrives as one line again (PyTorch
-    re-raises it with the worker's whole traceback as its message)."""
-    try:
-        yield from loader
-    except DataError as e:
-        lines = [line for line in str(e).strip().splitlines() if line.strip()]
-        raise DataError(lines[-1].split("DataError: ", 1)[-1] if lines else str(e)) from None
 
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
