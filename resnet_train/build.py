@@ -66,10 +66,14 @@ def _memory_for(dataset: DatasetSpec):
     try:
         yield
     except (RuntimeError, MemoryError) as e:
-        if not is_out_of_memory(e):
+        killed = "killed by signal: Killed" in str(e)  # a decoding worker, as the kernel's OOM killer does
+        if not (killed or is_out_of_memory(e)):
             raise
-        raise DataError(f"out of memory while reading {dataset.root or dataset.name} at {dataset.image_size}px; "
-                        "stream it from disk with dataset.loader=stream, or lower dataset.image_size") from None
+        advice = ("stream it from disk with dataset.loader=stream, or lower dataset.image_size"
+                  if dataset.name == "image_folder" and dataset.loader != "stream" else
+                  "lower num_workers or dataset.image_size, or free memory on this machine")
+        raise DataError(f"out of memory while reading {dataset.root or dataset.name} at {dataset.image_size}px"
+                        f"{' (a decoding worker was killed)' if killed else ''}; {advice}") from None
 
 
 def build_model(cfg: DictConfig, num_classes: int, device: torch.device,

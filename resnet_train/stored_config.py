@@ -23,6 +23,9 @@ def in_current_schema(stored: dict) -> dict:
     config = OmegaConf.to_container(OmegaConf.create(stored))  # (a copy)
     if "augment" not in config and isinstance(config.get("dataset", {}).get("augment"), dict):
         config["augment"] = config["dataset"].pop("augment")
+    dataset = config.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("name") == "image_folder":
+        dataset.setdefault("exif_transpose", False)  # (earlier versions decoded files as stored)
     defaults = OmegaConf.to_container(train_defaults())
     for key, default in defaults.items():
         if key == "hydra":

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import Runner, assert_ok, assert_one_error, metrics_of
+from conftest import Runner, assert_ok, assert_one_error, metrics_of, write_image_folder
 from hydra import compose, initialize_config_module
 
 from resnet_train.data import Augment, BatchTransform, MemoryLoader, Shard
@@ -193,3 +193,20 @@ def test_slurm_launcher_submits_one_task_per_gpu(tmp_path, monkeypatch):
     assert "\nsrun " in script  # every task is started by srun: a step of 8 tasks
     step = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_STEP_NODELIST": "gpu[1-2]"}
     assert from_environment(step) == World(6, 8, 2, "slurm", 8)  # (no SLURM_STEP_TASKS_PER_NODE: all here)
+
+
+def test_processes_of_a_run_agree_where_an_image_folder_lives(tmp_path):
+    """loader=auto decides on each machine's free memory; if one process must stream, all do (the
+    loaders shuffle from different generators, and every process slices the same global batches)."""
+    hook = tmp_path / "rank1_is_short_of_memory.py"
+    hook.write_text("import os\n"
+                    "if os.environ.get('RANK') == '1':\n"
+                    "    from resnet_train.data import storage\n"
+                    "    storage.host_available_bytes = lambda: 1024\n")
+    user = Runner(tmp_path / "work", RESNET_TRAIN_TEST_HOOK=str(hook))
+    write_image_folder(user.cwd / "pets", {"train": 64, "test": 16}, num_classes=2)
+    result = torchrun(user, "model=resnet20", "dataset=image_folder", "dataset.root=pets", "epochs=1", "batch_size=16",
+                      "num_workers=0", "tensorboard.images=false", "dataset.val_size=0")
+    assert_ok(result)
+    assert "streamed, as another process of the run must" in result.stdout
+    assert "64 training images in stream" in result.stdout

@@ -2,6 +2,7 @@
 format Pillow opens, Unicode class names, EXIF orientation, memory bounded by chunks, and commands
 that read only the split they need."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -54,6 +55,43 @@ def test_links_to_files_and_folders_outside_are_followed_each_file_once(tmp_path
                      f"1 files in two classes through links (kept in the first class in name order) (e.g. "
                      f"{CLASSES[1]}/other.png is {CLASSES[0]}/"):
         assert fragment in said[0], said[0]
+
+
+def test_links_that_cannot_be_followed_and_stray_files_are_said_not_a_traceback(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path, {"train": 10}, num_classes=2)
+    cat = root / "train" / CLASSES[0]
+    (cat / "itself").symlink_to("itself")  # ELOOP on every look
+    (cat / "a").symlink_to("b")
+    (cat / "b").symlink_to("a")
+    (cat / "root").symlink_to("/")  # above everything: a plain prefix test ("//") would follow it
+    (root / "train" / "stray.png").write_bytes((cat / sorted(os.listdir(cat))[0]).read_bytes())
+    locked = cat / "locked"
+    locked.mkdir()
+    Image.new("RGB", (8, 8)).save(locked / "x.png")
+    scandir = os.scandir
+
+    def no_permission(path):  # a folder of another user (chmod 0 does not stop root, who runs CI)
+        if str(path) == str(locked):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", no_permission)
+    result, said = scan(root / "train")
+    assert len(result.samples) == 10 and len(said) == 1
+    for fragment in ("3 links that cannot be followed (too many levels of symbolic links)",
+                     "1 folder links into folders already scanned", "1 files outside class folders (e.g. stray.png)",
+                     "1 folders that cannot be listed (permission denied)"):
+        assert fragment in said[0], said[0]
+
+
+def test_runs_of_earlier_versions_keep_decoding_files_as_stored():
+    """Before dataset.exif_transpose a folder's files were not turned: a resumed or evaluated old
+    run keeps its preprocessing; a new run has the key from its config."""
+    from resnet_train.stored_config import in_current_schema
+
+    old = {"dataset": {"name": "image_folder", "root": "pets", "image_size": 64}}
+    assert in_current_schema(old)["dataset"]["exif_transpose"] is False
+    new = {"dataset": {**old["dataset"], "exif_transpose": True}}
+    assert in_current_schema(new)["dataset"]["exif_transpose"] is True
 
 
 def test_hidden_stray_and_tool_files_are_skipped_in_one_line(tmp_path):
@@ -191,6 +229,21 @@ def test_running_out_of_memory_while_reading_blames_the_data_not_the_batch(tmp_p
     assert "batch_size" not in result.stderr
 
 
+def test_only_the_images_a_command_reads_are_decoded(tmp_path, monkeypatch):
+    import resnet_train.data as data
+
+    decoded = []
+    real = data.decode_all
+    monkeypatch.setattr(data, "decode_all", lambda samples, *a, **k: decoded.append(len(samples)) or real(samples, *a, **k))
+    root = write_image_folder(tmp_path, {"train": 30, "test": 12}, num_classes=3)
+    val = data_of("image_folder", root, splits=("val",), val_size=6, mean=[0.5] * 3, std=[0.2] * 3).val
+    assert val.num_images == 6 and decoded == [6]  # train/ is scanned to hold them out, not decoded
+    decoded.clear()
+    (root / "val").symlink_to(root / "test", target_is_directory=True)
+    data_of("image_folder", root, splits=("val",), val_size=0, mean=[0.5] * 3, std=[0.2] * 3)
+    assert decoded == [12]  # val/ only: test/ stands in for validation only where there is no val/
+
+
 def test_eval_reads_only_the_split_it_evaluates(tmp_path, image_folder_root):
     """A folder holding only test/: the classes are the checkpoint's."""
     user = Runner(tmp_path)
@@ -213,3 +266,20 @@ def test_image_folders_are_read_by_every_process_at_once(monkeypatch, image_fold
     monkeypatch.setattr(distributed, "local_main_first", refuse)
     cfg = compose_cfg("model=resnet20", "dataset=image_folder", f"dataset.root={image_folder_root}")
     assert build.load_data(cfg, torch.device("cpu")).classes == CLASSES[:4]
+
+
+def test_a_resume_keeps_where_loader_auto_put_the_images(tmp_path, monkeypatch, train_in_process, caplog):
+    """loader=auto decides by the memory free at the start; memory and stream shuffle differently,
+    so a resume that finds less memory free keeps the run's decision instead of switching mid-run."""
+    from resnet_train.data import storage
+
+    root = write_image_folder(tmp_path / "imgs", {"train": 40}, num_classes=2)
+    args = ["model=resnet20", "dataset=image_folder", f"dataset.root={root}", "batch_size=8", "num_workers=0",
+            "tensorboard.images=false"]
+    train_in_process(tmp_path / "run", *args, "epochs=1")
+    decoded = 40 * 32 * 32 * 3
+    monkeypatch.setattr(storage, "host_available_bytes", lambda: 3 * decoded // 2)  # auto would stream now
+    caplog.set_level("INFO", logger="resnet_train")
+    train_in_process(tmp_path / "run", *args, "epochs=2", f"resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}")
+    assert "training images in memory" in caplog.text
+    assert data_of("image_folder", root, loader="auto", batch_size=8).storage == "stream"  # (a new run would)

@@ -101,7 +101,7 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
 
 def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision) -> dict:
     """What every checkpoint carries besides the training state: what evaluation and prediction need."""
-    return {"config": stored_cfg, "classes": data.classes, "precision": precision.name,
+    return {"config": stored_cfg, "classes": data.classes, "precision": precision.name, "storage": data.storage,
             "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
                               "stored_size": data.stored_size}}
 
@@ -116,7 +116,10 @@ def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn
     """The data and the model; a new run that fails here (bad data, say) leaves no run dir behind."""
     cfg, this, ckpt = plan.config, plan.world, plan.checkpoint
     try:
-        data = load_data(cfg, plan.device, Shard(this.rank, this.world_size))
+        # dataset.loader=auto decides by the memory free when a run starts; its resume keeps that
+        # decision (memory and stream shuffle from different generators), whatever it finds free.
+        kept = ckpt.get("storage") if ckpt is not None and cfg.dataset.get("loader") == "auto" else None
+        data = load_data(cfg, plan.device, Shard(this.rank, this.world_size), **({"loader": kept} if kept else {}))
         log.info(f"Data: {cfg.dataset.name}, {data.train.num_images:,} training images in {data.storage}, "
                  f"{len(data.classes)} classes; validation on {data.val_source}")
         if len(data.train) < cfg.accumulate_grad_batches:

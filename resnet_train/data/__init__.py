@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from .. import distributed
 from ..config import DATASETS, stored_image_size
 from ..errors import DataError
 from .folders import scan_image_folder
@@ -120,6 +121,8 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
     else:
         raise DataError(f"dataset.name={dataset.name!r} is not one of {', '.join(DATASETS)}")
     train, val, val_source = _validation_split(train, val, test, dataset.val_size, dataset.split_seed, root)
+    if "train" not in dataset.splits:
+        train = None  # (read only to hold the validation images out of it)
     if storage == "memory" and dataset.name == "image_folder":
         train, val, test = _decoded((train, val, test), dataset, batching)
     if train is not None and batching.batch_size > len(train):
@@ -171,8 +174,11 @@ def _read_image_folder(root: Path, dataset: DatasetSpec, batching: Batching, dev
     total = sum(len(scan.samples) for scan in scans.values())
     plan = plan_storage(total, dataset.image_size, dataset.loader, device, batching.processes_here,
                         batching.num_workers)
-    log(f"{root}: {plan.line}")
-    if plan.storage == "stream" and "train" in dataset.splits:
+    # Every process of a run takes the same path: memory and stream shuffle from different generators,
+    # and the processes' slices of each global batch must come from one order.
+    storage = "stream" if "stream" in distributed.gather_objects(plan.storage) else plan.storage
+    log(f"{root}: {plan.line}" + ("; streamed, as another process of the run must" if storage != plan.storage else ""))
+    if storage == "stream" and "train" in dataset.splits:
         check_readable([path for scan in scans.values() for path, _ in scan.samples], batching.num_workers,
                        batching.progress)
 
@@ -181,7 +187,7 @@ def _read_image_folder(root: Path, dataset: DatasetSpec, batching: Batching, dev
             return None
         samples = scans[name].samples
         return Split(torch.tensor([label for _, label in samples]), samples=samples)
-    return split("train"), split("val"), split("test"), classes, plan.storage
+    return split("train"), split("val"), split("test"), classes, storage
 
 
 def _decoded(splits: tuple[Split | None, ...], dataset: DatasetSpec, batching: Batching) -> list[Split | None]:
@@ -199,7 +205,7 @@ def _scan_splits(root: Path, dataset: DatasetSpec, log) -> dict:
     """The folders of the splits a command needs: train/ when it trains, defines the classes or
     holds the validation images out; val/ and test/ when read (test/ also stands in for val)."""
     splits, known = set(dataset.splits), dataset.classes
-    if "val" in splits and dataset.val_size == 0:
+    if "val" in splits and dataset.val_size == 0 and not (root / "val").is_dir():
         splits.add("test")
     if "val" in splits and not (root / "val").is_dir() and dataset.val_size != 0:
         splits.add("train")

@@ -63,7 +63,11 @@ class _Walk:
     def overlaps(self, real: str) -> bool:
         """A linked folder leading into, onto or above a folder of the scan: following it would
         loop or count (and label) the same images again."""
-        return any(real == r or real.startswith(r + os.sep) or r.startswith(real + os.sep) for r in self.registered)
+        return any(_within(real, r) or _within(r, real) for r in self.registered)
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder  # (a plain prefix test misses folder "/")
 
 
 def scan_image_folder(folder: Path, class_to_idx: dict[str, int] | None = None, classes_from: str = "train/",
@@ -108,8 +112,12 @@ def _check_classes(folder: Path, classes: list[str], counts: Counter) -> None:
 def _class_folders(folder: Path, walk: _Walk) -> dict[str, Path]:
     """Class name -> folder, for the visible sub-folders (links followed) of a split."""
     found: dict[str, Path] = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if _ignored(entry, walk) or not entry.is_dir():
+    for entry in _entries(str(folder), walk):
+        if _ignored(entry, walk):
+            continue
+        kind = _kind(entry)
+        if kind != "folder":
+            walk.skip("files outside class folders" if kind == "file" else kind, entry.path)
             continue
         name = class_name(entry.name)
         if name in found:
@@ -124,22 +132,51 @@ def _image_files(name: str, top: Path, walk: _Walk) -> list[str]:
     walk.scanning = name
     found, stack = [], [str(top)]
     while stack:
-        entries = sorted(os.scandir(stack.pop()), key=lambda e: e.name)
         subfolders = []
-        for entry in entries:
+        for entry in _entries(stack.pop(), walk):
             if _ignored(entry, walk):
                 continue
-            if entry.is_dir():
+            kind = _kind(entry)
+            if kind == "folder":
                 real = os.path.realpath(entry.path)
                 if entry.is_symlink() and walk.overlaps(real):
                     walk.skip("folder links into folders already scanned (a loop or a second copy)", entry.path)
                     continue
                 walk.registered.append(real)
                 subfolders.append(entry.path)
+            elif kind != "file":
+                walk.skip(kind, entry.path)
             elif _is_new_image(entry, walk):
                 found.append(entry.path)
         stack += reversed(subfolders)
     return found
+
+
+def _entries(folder: str, walk: _Walk) -> list[os.DirEntry]:
+    """A folder's entries in name order; none, said, when it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as e:
+        walk.skip(f"folders that cannot be listed ({_reason(e)})", folder)
+        return []
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """"folder" or "file" (links followed), or why the entry is neither: a link to itself or
+    into a folder without permission makes DirEntry's checks raise instead of answer."""
+    try:
+        if entry.is_dir():
+            return "folder"
+        if entry.is_file():
+            return "file"
+        return "broken links" if entry.is_symlink() else "special files"
+    except OSError as e:
+        return f"links that cannot be followed ({_reason(e)})"
+
+
+def _reason(e: OSError) -> str:
+    return os.strerror(e.errno).lower() if e.errno else str(e)
 
 
 def _ignored(entry: os.DirEntry, walk: _Walk) -> bool:
@@ -153,9 +190,6 @@ def _ignored(entry: os.DirEntry, walk: _Walk) -> bool:
 
 
 def _is_new_image(entry: os.DirEntry, walk: _Walk) -> bool:
-    if not entry.is_file():
-        walk.skip("broken links" if entry.is_symlink() else "special files", entry.path)
-        return False
     suffix = os.path.splitext(entry.name)[1].lower()
     if suffix not in image_extensions():
         walk.skip(f"{suffix or 'suffix-less'} files (not a format Pillow opens)", entry.path)

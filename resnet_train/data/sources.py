@@ -93,15 +93,22 @@ def decode_resized(path: str, size: int, exif_transpose: bool = True) -> torch.T
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
-            upright = ImageOps.exif_transpose(im) if exif_transpose else im
-            img = TF.pil_to_tensor(_as_8bit_rgb(upright, path))
-    except DataError:
+            img = TF.pil_to_tensor(_as_8bit_rgb(_upright(im) if exif_transpose else im, path))
+    except (DataError, MemoryError):
         raise
     except Exception as e:
         raise DataError(f"could not read image {path}: {e}") from None
     if img.shape[-2:] != (size, size):
         img = TF.center_crop(TF.resize(img, size, antialias=True), size)
     return img
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Turned as its EXIF orientation says; as stored when that tag cannot be read (the pixels can)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (SyntaxError, ValueError, TypeError, KeyError, OSError):
+        return im
 
 
 def _as_8bit_rgb(im: Image.Image, path: str) -> Image.Image:
@@ -136,6 +143,9 @@ class DecodedFiles(torch.utils.data.Dataset):
 CHUNK_BYTES = 32 * 1024 ** 2  # decoded images handled at a time: decoding batches, statistics chunks
 
 
+DECODE_BATCH = 256  # files a worker decodes per task at most: small images still keep every worker busy
+
+
 def images_per_chunk(bytes_per_image: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // bytes_per_image)
 
@@ -144,7 +154,8 @@ def decoded_chunks(samples: list[tuple[str, int]], size: int, num_workers: int, 
                    progress: bool | None = False) -> Iterator[torch.Tensor]:
     """The files decoded in order, in parallel, as uint8 NHWC chunks of a few tens of MB."""
     loader = torch.utils.data.DataLoader(DecodedFiles(samples, size, exif_transpose),
-                                         batch_size=images_per_chunk(size * size * 3), num_workers=num_workers,
+                                         batch_size=min(DECODE_BATCH, images_per_chunk(size * size * 3)),
+                                         num_workers=num_workers,
                                          worker_init_fn=worker_init())
     with tqdm(total=len(samples), desc="decoding", unit="img", leave=False, dynamic_ncols=True,
               disable=None if progress is None else not progress) as bar:

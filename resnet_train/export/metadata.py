@@ -37,7 +37,9 @@ class ExportMetadata:
     source_checkpoint: str = ""
     preprocessing_included: bool = True  # the graph takes uint8 NHWC images and normalizes itself
     stored_size: int | None = None  # training stored images at this size and resized them to image_size
-    exif_transpose: bool = True  # training turned image files upright as their EXIF orientation says
+    # Training turned image files upright as their EXIF orientation says (files exported by earlier
+    # versions, which have no such field, were not).
+    exif_transpose: bool = False
 
     @property
     def input_size(self) -> int:
