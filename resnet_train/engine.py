@@ -16,7 +16,6 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed, pause
 from .data import Loader
@@ -25,6 +24,7 @@ from .ema import WeightEMA
 from .errors import TrainingDiverged
 from .mixing import Mixed, Mixer
 from .optim import Scheduler
+from .progress import progress_bar
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 StepLogger = Callable[[int, float, float], None]  # (global step, mean loss since last call, lr)
@@ -225,8 +225,7 @@ def train_one_epoch(step: OptimizerStep, loader: Loader, *, global_step: int = 0
     start, hooks, k = start or EpochProgress(), hooks or EpochHooks(), step.settings.accumulate
     meter = _Meter(next(step.model.parameters()).device, start)
     steps = len(loader) // k  # optimizer steps in a whole epoch
-    bar = tqdm(total=steps * k, initial=start.step, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+    bar = progress_bar(progress=progress, total=steps * k, initial=start.step, desc=desc, unit="batch")
     batches = iter(loader)
     try:
         for i in range(start.step // k + 1, steps + 1):  # (i: this epoch's optimizer steps, from 1)

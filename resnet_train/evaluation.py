@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .data import Loader
 from .device import Precision
+from .progress import progress_bar
 
 
 @dataclass
@@ -100,8 +100,7 @@ def evaluate(model: nn.Module, loader: Loader, precision: Precision, num_classes
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     tracker = _MistakeTracker(mistakes) if mistakes else None
     images, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+    bar = progress_bar(loader, progress=progress, desc=desc, unit="batch")
     for i, (batch, labels) in enumerate(bar, 1):
         with precision.autocast():
             logits = predict_logits(model, batch, tta)

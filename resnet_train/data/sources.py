@@ -14,9 +14,9 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..progress import progress_bar
 from .workers import from_workers, worker_init
 
 
@@ -157,8 +157,7 @@ def decoded_chunks(samples: list[tuple[str, int]], size: int, num_workers: int, 
                                          batch_size=min(DECODE_BATCH, images_per_chunk(size * size * 3)),
                                          num_workers=num_workers,
                                          worker_init_fn=worker_init())
-    with tqdm(total=len(samples), desc="decoding", unit="img", leave=False, dynamic_ncols=True,
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(progress=progress, total=len(samples), desc="decoding", unit="img") as bar:
         for images, _ in from_workers(loader):
             bar.update(len(images))
             yield images
@@ -205,8 +204,7 @@ def check_readable(paths: list[str], num_workers: int, progress: bool | None = F
     loader = torch.utils.data.DataLoader(_Header(paths), batch_size=256, num_workers=num_workers,
                                          collate_fn=_count_and_problems, worker_init_fn=worker_init())
     problems = []
-    with tqdm(total=len(paths), desc="checking files", unit="file", leave=False, dynamic_ncols=True,
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(progress=progress, total=len(paths), desc="checking files", unit="file") as bar:
         for count, found in loader:
             problems += found
             bar.update(count)
