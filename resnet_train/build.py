@@ -218,6 +218,11 @@ class TrainedModel:
     def uses_ema(self) -> bool:
         return selected_weights(self.checkpoint) is not self.checkpoint["model"]
 
+    @property
+    def exif_transpose(self) -> bool:
+        """Whether training turned its image files upright by their EXIF orientation (so must anything fed to it)."""
+        return bool(self.config.dataset.get("exif_transpose", True))
+
 
 def model_from_checkpoint(path: str | Path, device: str = "auto", precision: str = "auto",
                           channels_last: bool | str = "auto", loaded: dict | None = None) -> TrainedModel:

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from .config import override_key
 from .errors import CheckpointError, ConfigError, RunDirError, RunDirTaken
 from .files import remove_stale_temporaries
+from .processes import is_running
 
 LOCK_NAME = ".lock"
 STAMP_ENV = "RESNET_TRAIN_RUN_STAMP"  # torchrun's agreed time stamp (train.yaml's hydra.run.dir reads it)
@@ -127,23 +128,12 @@ def _taken(fd: int, run_dir: Path, by_flock: bool) -> RunDirTaken:
     """The refusal, naming the pid the holder recorded. A record lock's holder is alive (the kernel
     drops the lock with its process); an flock outlives its process in the processes it forked."""
     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"  # (through the refused descriptor)
-    if by_flock and not _alive(holder):
+    if by_flock and holder.isdigit() and not is_running(int(holder)):
         return RunDirTaken(f"{run_dir} is locked by pid {holder}, which has exited; its child processes "
                            "(DataLoader workers) still hold the lock: wait for them to exit or kill them "
                            f"(fuser -v {run_dir / LOCK_NAME} lists them)")
     return RunDirTaken(f"{run_dir} is in use by another resnet-train process (pid {holder}); wait for it "
                        "to finish or choose another hydra.run.dir")
-
-
-def _alive(pid: str) -> bool:
-    """Whether process `pid` exists on this machine (True when not known: the refusal then just names it)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, OSError):  # ("?": nothing recorded; EPERM: another user's process)
-        return True
-    return True
 
 
 def claim_new_run_dir(run_dir: Path, overrides: list[str]) -> None:

@@ -108,8 +108,7 @@ def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
         if getattr(loader, "images", None) is not None:
             images = loader.images[:n]
         else:  # streamed: decode the first files
-            upright = trained.config.dataset.get("exif_transpose", True)
-            images = torch.stack([decode_resized(path, size, upright).permute(1, 2, 0)
+            images = torch.stack([decode_resized(path, size, trained.exif_transpose).permute(1, 2, 0)
                                   for path, _ in loader.samples[:n]])
         return images.contiguous().numpy(), f"{len(images)} {name} images of the run"
     return export.random_images(n, size), f"{n} generated images (the run has no test or validation split)"

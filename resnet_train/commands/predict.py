@@ -91,7 +91,7 @@ def checkpoint_predictor(cfg: DictConfig) -> Predictor:
     ran_as = (f"{trained.path} on {describe(trained.device)}, precision {precision}"
               + (" (autocast; precision=fp32 gives the answers of an exported file)" if trained.precision.dtype else ""))
     return Predictor(score, trained.classes, norm.get("stored_size", norm["image_size"]),
-                     bool(trained.config.dataset.get("exif_transpose", True)), ran_as)
+                     trained.exif_transpose, ran_as)
 
 
 def exported_predictor(cfg: DictConfig) -> Predictor:

@@ -145,7 +145,7 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
 
     test_loader = make(test, False)
     val_loader = test_loader if val is test else make(val, False)
-    train_loader = make(train, True) if "train" in dataset.splits else None
+    train_loader = make(train, True)
     return Data(train_loader, val_loader, test_loader, classes, mean, std, dataset.image_size, stored_size,
                 val_source, storage)
 

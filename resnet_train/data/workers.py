@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import DataError
+from ..processes import is_running
 
 
 def worker_init() -> functools.partial:
@@ -29,23 +30,9 @@ def _start_worker(run_pid: int, worker_id: int) -> None:
 
 
 def _exit_when_gone(pid: int) -> None:
-    while _is_running(pid):
+    while is_running(pid):
         time.sleep(1.0)
     os._exit(0)
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed run its parent has not reaped yet is a zombie: gone all the same
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def from_workers(loader: torch.utils.data.DataLoader) -> Iterator[Any]:

@@ -114,7 +114,7 @@ def metadata_of(trained: TrainedModel, preprocessing_included: bool = True) -> E
     return ExportMetadata(arch_of(trained.config), trained.config.model.stem, list(trained.classes), size,
                           norm.get("mean"), norm.get("std"), str(trained.path), preprocessing_included,
                           stored_size=stored if stored != size else None,
-                          exif_transpose=bool(trained.config.dataset.get("exif_transpose", True)))
+                          exif_transpose=trained.exif_transpose)
 
 
 def read_metadata(props: Mapping[str, str | bytes], path: Path) -> ExportMetadata:
