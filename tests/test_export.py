@@ -584,6 +584,7 @@ def test_resnet_export_errors_are_one_line(trained_run, tmp_path, monkeypatch):
     (hidden / "onnxscript.py").write_text("raise ImportError('hidden')\n")
     no_onnx = Runner(user.cwd, PYTHONPATH=f"{hidden}{os.pathsep}{os.environ['RESNET_TRAIN_TEST_SITE']}")
     assert_one_error(no_onnx("resnet-export", "checkpoint=run", "output=x.onnx"), 'pip install "resnet-train[export]"')
+    assert_one_error(no_onnx("resnet-export", "checkpoint=nowhere"), "ONNX export needs the onnx package")  # (first)
 
 
 def test_a_cifar_model_trained_at_another_size_exports_the_resize(small_cifar_root, tmp_path):

@@ -255,6 +255,11 @@ def test_eval_reads_only_the_split_it_evaluates(tmp_path, image_folder_root):
     assert_ok(result)
     assert "200 images" in result.stdout
     assert_one_error(user("resnet-eval", "checkpoint=run", "dataset.root=only-test", "split=val"), "train")
+    (tmp_path / "no-test").mkdir()
+    (tmp_path / "no-test" / "train").symlink_to(image_folder_root / "train", target_is_directory=True)
+    result = user("resnet-eval", "checkpoint=run", "dataset.root=no-test")
+    assert_one_error(result, "no-test/test does not exist", "split=val evaluates the validation images")
+    assert "decoded" not in result.stdout + result.stderr  # (said before the memory plan)
 
 
 def test_image_folders_are_read_by_every_process_at_once(monkeypatch, image_folder_root, compose_cfg):

@@ -30,6 +30,7 @@ def export_command(cfg: DictConfig) -> Path:
     check_values(cfg, EXPORT_KEYS)
     if cfg.output:  # (its suffix, before the checkpoint is read)
         _check_suffix(cfg.format, Path(cfg.output).expanduser(), f"output={cfg.output}")
+    export.check_installed(cfg.format, Path(cfg.output) if cfg.output else None)
     trained = model_from_checkpoint(cfg.checkpoint, "cpu", "fp32", channels_last=False)
     output = Path(cfg.output).expanduser() if cfg.output else run_dir_of(trained.path) / DEFAULT_NAMES[cfg.format]
     check_writable(output)

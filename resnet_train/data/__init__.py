@@ -205,6 +205,9 @@ def _scan_splits(root: Path, dataset: DatasetSpec, log) -> dict:
     """The folders of the splits a command needs: train/ when it trains, defines the classes or
     holds the validation images out; val/ and test/ when read (test/ also stands in for val)."""
     splits, known = set(dataset.splits), dataset.classes
+    if splits == {"test"} and not (root / "test").is_dir():  # (resnet-eval split=test: before anything is read)
+        raise DataError(f"{root / 'test'} does not exist: there is no test split to evaluate "
+                        "(split=val evaluates the validation images)")
     if "val" in splits and dataset.val_size == 0 and not (root / "val").is_dir():
         splits.add("test")
     if "val" in splits and not (root / "val").is_dir() and dataset.val_size != 0:

@@ -31,7 +31,7 @@ Modules: `metadata` (what a file says about itself), `preprocessing` (training's
 module), `formats` (writing each format), `loading` (opening one to predict), `parity` (checking it).
 """
 
-from .formats import DEFAULT_OPSET, FORMATS, MIN_OPSET, check_format, export_model
+from .formats import DEFAULT_OPSET, FORMATS, MIN_OPSET, check_format, check_installed, export_model
 from .loading import ExportedModel, format_of, load_exported, read_state_dict
 from .metadata import (METADATA_KEY, ExportMetadata, metadata_of, metadata_path, parity_report_path,
                        torchvision_compatibility, torchvision_model)
@@ -39,6 +39,6 @@ from .parity import DEFAULT_ATOL, ParityError, ParityReport, compare_logits, par
 from .preprocessing import WithPreprocessing, preprocess
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_OPSET", "FORMATS", "METADATA_KEY", "MIN_OPSET", "ExportMetadata", "ExportedModel",
-           "ParityError", "ParityReport", "WithPreprocessing", "check_format", "compare_logits", "export_model",
+           "ParityError", "ParityReport", "WithPreprocessing", "check_format", "check_installed", "compare_logits", "export_model",
            "format_of", "load_exported", "metadata_of", "metadata_path", "parity_check", "parity_report_path",
            "preprocess", "random_images", "read_state_dict", "torchvision_compatibility", "torchvision_model"]

@@ -160,6 +160,19 @@ def _export_state_dict(model: nn.Module, output: Path, metadata: ExportMetadata)
     atomic_write(metadata_path(output), lambda f: f.write((metadata.to_json(indent=2) + "\n").encode()))
 
 
+def check_installed(fmt: str, output: Path | None) -> None:
+    """ExportError now, before the checkpoint and the parity images are read, when writing `fmt` (to
+    `output`) or checking its parity needs a package that is not installed."""
+    if fmt == "onnx":
+        needed, purpose = ("onnx", "onnxscript", "onnxruntime"), "ONNX export"
+    elif output is not None and output.suffix.lower() == ".safetensors":
+        needed, purpose = ("safetensors.torch",), "A .safetensors state dict"
+    else:
+        return
+    for module in needed:
+        require(module, purpose)
+
+
 def require(module: str, purpose: str) -> ModuleType:
     """Import an optional dependency, or ExportError naming it and the pip command."""
     try:
