@@ -117,8 +117,8 @@ def _optimizer_args(cfg: DictConfig) -> dict:
 def build_optimizer_and_scheduler(cfg: DictConfig, model: torch.nn.Module, steps_per_epoch: int,
                                   device: torch.device) -> tuple[torch.optim.Optimizer, Scheduler]:
     args = _optimizer_args(cfg)
-    if device.type == "cuda" and "fused" not in args and _takes(args["_target_"], "fused"):
-        args["fused"] = True  # one kernel for the whole update instead of one per tensor
+    if device.type == "cuda" and not {"fused", "foreach"} & args.keys() and _takes(args["_target_"], "fused"):
+        args["fused"] = True  # one kernel for the whole update instead of one per tensor (unless asked otherwise)
     try:
         optimizer = build_optimizer(model, instantiate(args), cfg.optim.get("weight_decay", 0.0),
                                     cfg.optim.get("decay_norm_and_bias", True), cfg.optim.get("backbone_lr_scale", 1.0),
@@ -148,13 +148,14 @@ def _takes(target: str, argument: str) -> bool:
         return False
 
 
-def check_buildable(cfg: DictConfig) -> None:
-    """Build the optimizer and schedule for one dummy parameter: an argument the optimizer does not
-    take (`+optim.foo=1`) or rejects (`optim.betas=[0.9]`) fails now, before any data is read."""
+def check_buildable(cfg: DictConfig, device: torch.device) -> None:
+    """Build the optimizer and schedule for one dummy parameter, with the arguments they get on
+    `device` (fused kernels on CUDA, which the CPU has too): an argument the optimizer does not take
+    (`+optim.foo=1`) or rejects (`optim.betas=[0.9]`) fails now, before any data is read."""
     dummy = torch.nn.Linear(1, 1)
     if cfg.epochs == "auto":  # (time_budget chooses it later)
         cfg = OmegaConf.merge(cfg, {"epochs": 1})
-    optimizer, scheduler = build_optimizer_and_scheduler(cfg, dummy, 1, torch.device("cpu"))
+    optimizer, scheduler = build_optimizer_and_scheduler(cfg, dummy, 1, device)
     try:
         dummy(torch.zeros(1, 1)).sum().backward()
         optimizer.step()

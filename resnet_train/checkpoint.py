@@ -13,6 +13,7 @@ Tensors are saved on the CPU, so a checkpoint written on any GPU loads on a mach
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import shutil
@@ -204,11 +205,7 @@ def restore_training(ckpt: dict, step: OptimizerStep, source: str, device: torch
         raise CheckpointError(f"{source}: the optimizer or scheduler state does not fit this run ({e})") from None
     for group, chosen in zip(optimizer.param_groups, kernels):
         group.update(chosen)  # fused/foreach kernels as chosen for this device, not the saving one
-        if group.get("fused") or group.get("capturable"):  # (their `step` lives on the device, as torch
-            for param in group["params"]:                  # keeps it when it loads a fused state itself)
-                state = optimizer.state.get(param, {})
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].to(dtype=torch.float32, device=param.device)
+        _place_steps(optimizer, group)
     if ckpt["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:
@@ -217,6 +214,17 @@ def restore_training(ckpt: dict, step: OptimizerStep, source: str, device: torch
         ema.load_state_dict(ckpt["ema"])
     restore_rng_states(ckpt["rng"], device)
     return TrainState.of_checkpoint(ckpt)
+
+
+def _place_steps(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    """A group's `step` counters where torch keeps them for its kernels: beside the weights when fused
+    or capturable, else on the CPU -- also when the checkpoint was saved by the other kind (a fused
+    CUDA run resumed on a Mac, or the reverse)."""
+    on_device = group.get("fused") or group.get("capturable")
+    for param in group["params"]:
+        state = optimizer.state.get(param, {})
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].to(dtype=torch.float32, device=param.device if on_device else "cpu")
 
 
 class RunCheckpoints:
@@ -303,6 +311,8 @@ def first_nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Wei
     named += [(f"optimizer.{k}", t) for i, s in enumerate(optimizer.state.values()) for k, t in s.items()
               if isinstance(t, torch.Tensor)]
     named = [(n, t) for n, t in named if t.is_floating_point()]
-    if not named or bool(torch.stack([t.detach().isfinite().all() for _, t in named]).all()):
+    # torch keeps an optimizer's `step` counters on the CPU beside GPU weights unless it is fused or
+    # capturable: 0-dim CPU tensors may join GPU ones in an elementwise operation, never in a stack.
+    if not named or bool(functools.reduce(torch.logical_and, (t.detach().isfinite().all() for _, t in named))):
         return None
     return next(n for n, t in named if not bool(t.detach().isfinite().all()))

@@ -82,6 +82,25 @@ def broadcast_from_main(value: Any) -> Any:
     return objects[0]
 
 
+def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` without its DistributedDataParallel wrapper (compiled again where it was compiled),
+    for evaluation: DDP's forward joins a broadcast that every process must join, once per batch,
+    and a process may have fewer validation batches than another (none, with fewer images than processes)."""
+    compiled = isinstance(getattr(model, "_orig_mod", None), torch.nn.Module)
+    inner = model._orig_mod if compiled else model
+    if not isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return model
+    return torch.compile(inner.module) if compiled else inner.module
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """The first process's buffers (BatchNorm statistics) on every process, as DDP's next forward
+    would make them: each process's last training forward updated its own."""
+    if active():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def barrier() -> None:
     if active():
         dist.barrier(group=_cpu_group())

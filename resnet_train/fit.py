@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 from torch import nn
 
-from . import pause
+from . import distributed, pause
 from .data import Data
 from .engine import EpochHooks, EpochProgress, EpochResult, OptimizerStep, TrainingInterrupted, train_one_epoch
 from .errors import TrainingDiverged
@@ -82,10 +82,21 @@ class Fit:
         self.step, self.data, self.reporter, self.checkpoints = step, data, reporter, checkpoints
         self.cadence, self.evaluation = cadence or Cadence(), evaluation or EvalSettings()
         self.wall_before, self.started_at = 0.0, time.time()
+        self._evaluated: nn.Module | None = None
 
     @property
     def model(self) -> nn.Module:
         return self.step.model
+
+    def _for_evaluation(self, model: nn.Module) -> nn.Module:
+        """`model` (the step's or the EMA's) as validation and the test run it: every process with
+        the first one's BatchNorm statistics, each on its own shard without DDP's collectives."""
+        if model is self.model:
+            if self._evaluated is None:
+                self._evaluated = distributed.without_ddp(model)
+            model = self._evaluated
+        distributed.broadcast_buffers(model)
+        return model
 
     def run(self, state: TrainState, epochs: int, started_at: float | None = None) -> dict:
         """Train from where `state` stands to `epochs`, then test the best weights (once). Returns the
@@ -140,7 +151,7 @@ class Fit:
         return train
 
     def _validate(self, model: nn.Module, desc: str) -> EvalResult:
-        return evaluate(model, self.data.val, self.step.precision, len(self.data.classes), tta=self.evaluation.tta,
+        return evaluate(self._for_evaluation(model), self.data.val, self.step.precision, len(self.data.classes), tta=self.evaluation.tta,
                         desc=desc, progress=self.cadence.progress)
 
     def _end_epoch(self, state: TrainState, epoch: int, epochs: int, train: EpochResult) -> None:
@@ -199,7 +210,7 @@ class Fit:
             self.reporter.info("no epoch had a finite validation loss: there are no best weights to test")
         else:
             self.checkpoints.load_model_weights("best")
-            test = evaluate(self.model, self.data.test, self.step.precision, len(self.data.classes),
+            test = evaluate(self._for_evaluation(self.model), self.data.test, self.step.precision, len(self.data.classes),
                             mistakes=settings.mistakes, tta=settings.tta, desc="test", progress=self.cadence.progress)
             pause.point("final_test")
             state.test = {"test_loss": test.loss, "test_accuracy": test.accuracy, "test_images": test.images,

@@ -16,6 +16,7 @@ A sweep's jobs and torchrun's other processes plan in the command itself.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,10 +75,14 @@ def plan_run(cfg: DictConfig, overrides: list[str], this: world.World | None = N
     if cfg.batch_size % this.world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} (the global batch) does not split evenly over "
                           f"{this.world_size} processes; use a multiple of {this.world_size}")
+    if this.local_world_size > 1 and re.fullmatch(r"cuda:\d+", str(cfg.device)):
+        raise ConfigError(f"device={cfg.device} would put all {this.local_world_size} processes of this machine on "
+                          "one GPU; with device=cuda (or auto) each takes its own (LOCAL_RANK): choose the GPUs "
+                          "with CUDA_VISIBLE_DEVICES")
     device, precision = pick_device_and_precision(cfg.device, cfg.precision, this.local_rank)
     if cfg.model.sync_bn and this.enabled and device.type != "cuda":
         raise ConfigError("model.sync_bn=true needs CUDA GPUs (SyncBatchNorm runs on GPUs only)")
-    check_buildable(cfg)
+    check_buildable(cfg, device)
     plan = Plan(cfg, device, precision, ckpt, this)
     if ckpt is not None:
         _check_left_to_do(plan.resumed_state, cfg)

@@ -210,3 +210,27 @@ def test_processes_of_a_run_agree_where_an_image_folder_lives(tmp_path):
     assert_ok(result)
     assert "streamed, as another process of the run must" in result.stdout
     assert "64 training images in stream" in result.stdout
+
+
+def test_fewer_validation_images_than_processes(cifar_root, tmp_path):
+    """One validation image for two processes: the second has none to evaluate. Validation runs each
+    process's shard without DistributedDataParallel's per-batch collective (which would wait for a
+    batch the second never has), with the first process's BatchNorm statistics on both."""
+    user = Runner(tmp_path)
+    (user.cwd / "data").symlink_to(cifar_root)
+    result = torchrun(user, "model=resnet20", "dataset.root=data", "dataset.val_size=1", "epochs=1",
+                      "batch_size=64", "tensorboard.images=false", "hydra.run.dir=run")
+    assert_ok(result)
+    assert [r["val_images"] for r in metrics_of(user.cwd / "run")["history"]] == [1]
+
+
+def test_the_resume_command_after_a_stop_is_the_one_that_started_the_run(tmp_path):
+    from pathlib import Path
+
+    from resnet_train.commands.train import _resume_command
+    run = Path("outputs/r")
+    assert _resume_command(run, World()) == "resnet-train resume=outputs/r"
+    assert _resume_command(run, World(1, 2, 1, "torchrun", 2)) == "torchrun --nproc_per_node=2 -m resnet_train resume=outputs/r"
+    two_nodes = _resume_command(run, World(1, 2, 0, "torchrun", 1))  # (used to say --nproc_per_node=2)
+    assert two_nodes.startswith("torchrun --nnodes=2 --nproc_per_node=1 ") and "each of the 2 machines" in two_nodes
+    assert "resume=outputs/r" in _resume_command(run, World(3, 8, 1, "slurm", 4))

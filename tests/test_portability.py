@@ -3,10 +3,13 @@ on the device that runs, checkpoints from a GPU evaluated on a laptop, resume on
 GPUs are mocked only at the device-query seam (resnet_train.device)."""
 
 import os
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import Runner, assert_ok, make_images, metrics_of
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from resnet_train import device as devices
@@ -17,6 +20,8 @@ from resnet_train.data import Augment, BatchTransform, MemoryLoader
 from resnet_train.device import Precision
 from resnet_train.models import resnet20
 from resnet_train.optim import Scheduler, cosine
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class RecordDtypes(TorchDispatchMode):
@@ -201,3 +206,94 @@ def test_gradient_histograms_show_unscaled_gradients(tmp_path):
     events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload()
     histogram = events.Histograms("gradients/weight")[0].histogram_value
     assert histogram.min == histogram.max == 0.5
+
+
+class TwoDevices(TorchDispatchMode):
+    """A GPU beside the host, simulated on one CPU: the tensors given as `on_host` (and what is
+    computed from them alone) are the host's, every other tensor the GPU's, and an operation that
+    combines the two raises as it would on a GPU. As in torch, a 0-dim host tensor may join an
+    elementwise operation (a "CPU scalar"), but not a stack or a cat."""
+
+    JOINS = (torch.ops.aten.stack.default, torch.ops.aten.cat.default)
+
+    def __init__(self, on_host):
+        super().__init__()
+        self.host = {id(t): weakref.ref(t) for t in on_host}
+
+    def _on_host(self, t: torch.Tensor) -> bool:
+        ref = self.host.get(id(t))
+        return ref is not None and ref() is t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+        host = [t for t in tensors if self._on_host(t)]
+        if host and len(host) < len(tensors) and (func in self.JOINS or any(t.dim() for t in host)):
+            raise RuntimeError(f"Expected all tensors to be on the same device ({func}: host and GPU tensors)")
+        out = func(*args, **(kwargs or {}))
+        if host and len(host) == len(tensors):
+            self.host.update({id(t): weakref.ref(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)})
+        return out
+
+
+def host_kept_steps(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The state torch keeps on the host beside GPU weights: `step` of groups neither fused nor capturable."""
+    return [optimizer.state[p]["step"] for g in optimizer.param_groups if not (g.get("fused") or g.get("capturable"))
+            for p in g["params"] if isinstance(optimizer.state.get(p, {}).get("step"), torch.Tensor)]
+
+
+@pytest.mark.parametrize("gpu", ["cuda", "mps"])
+@pytest.mark.parametrize("optim", sorted(p.stem for p in (ROOT / "configs" / "optim").glob("*.yaml")))
+def test_every_optimizer_checkpoints_with_its_state_where_torch_keeps_it(optim, gpu, compose_cfg):
+    """Every optimizer as built for a CUDA GPU (fused where torch has it) and an Apple GPU (not
+    fused): checking the state for NaN/inf and copying it for a checkpoint never combines the `step`
+    counters torch keeps on the host with the weights on the GPU (it crashed the first checkpoint)."""
+    from resnet_train.build import build_optimizer_and_scheduler
+    from resnet_train.checkpoint import first_nonfinite, on_cpu
+    cfg = compose_cfg(f"optim={optim}", "epochs=1")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer, _ = build_optimizer_and_scheduler(cfg, model, 1, torch.device(gpu))
+    model(torch.randn(8, 4)).square().mean().backward()
+    optimizer.step()
+    host = host_kept_steps(optimizer)
+    assert bool(host) == (optim != "sgd" and not (gpu == "cuda" and optim != "rmsprop"))  # (the layout simulated)
+    with TwoDevices(host):
+        assert first_nonfinite(model, optimizer) is None
+        on_cpu(optimizer.state_dict())
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with TwoDevices(host):
+        assert first_nonfinite(model, optimizer) == "model.0.weight"
+
+
+def test_the_device_seam_catches_host_state_joined_to_gpu_weights():
+    """The simulation itself: the stack the first checkpoint used to make raises."""
+    weight, step = torch.ones(3), torch.tensor(1.0)
+    with TwoDevices([step]), pytest.raises(RuntimeError, match="same device"):
+        torch.stack([weight.isfinite().all(), step.isfinite().all()])
+    with TwoDevices([step]):
+        assert torch.equal(weight * step, weight)  # (a CPU scalar in an elementwise operation is fine)
+
+
+def test_optimizer_kernels_asked_for_are_kept_and_checked_before_the_data(compose_cfg):
+    """On CUDA the optimizer gets fused kernels unless the command line chose its kernels
+    (`+optim.foreach=true` used to meet a forced fused=True after the data had loaded); a choice
+    torch refuses is said at once, with the arguments a GPU run would build it with."""
+    from resnet_train.build import build_optimizer_and_scheduler, check_buildable
+    from resnet_train.errors import ConfigError
+    model, cuda = torch.nn.Linear(2, 2), torch.device("cuda")
+    assert build_optimizer_and_scheduler(compose_cfg("epochs=1"), model, 1, cuda)[0].defaults["fused"]
+    check_buildable(compose_cfg("epochs=1", "+optim.foreach=true"), cuda)
+    assert not build_optimizer_and_scheduler(compose_cfg("epochs=1", "+optim.foreach=true"), model, 1, cuda)[0] \
+        .defaults.get("fused")
+    with pytest.raises(ConfigError, match="foreach"):
+        check_buildable(compose_cfg("epochs=1", "+optim.foreach=true", "+optim.fused=true"), cuda)
+
+
+def test_one_gpu_named_for_several_processes_of_a_machine_is_refused(compose_cfg):
+    """device=cuda:N under torchrun used to put every process on GPU N (the process group gave each its own)."""
+    from resnet_train.errors import ConfigError
+    from resnet_train.preflight import plan_run
+    from resnet_train.world import World
+    with pytest.raises(ConfigError, match=r"device=cuda:1 would put all 2 processes of this machine on one GPU.*"
+                                          r"CUDA_VISIBLE_DEVICES"):
+        plan_run(compose_cfg("device=cuda:1", "epochs=1"), [], World(1, 4, 1, "torchrun", 2))

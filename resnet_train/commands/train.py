@@ -107,9 +107,18 @@ def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision) -> 
 
 
 def _resume_command(run_dir: Path, this: world.World) -> str:
-    """The command that continues the run, as the user would type it."""
-    program = f"torchrun --nproc_per_node={this.world_size} -m resnet_train" if this.enabled else "resnet-train"
-    return f"{program} {shlex.quote(f'resume={_shown(run_dir)}')}"
+    """The command that continues the run, as the user would type it (with several machines: on
+    each, as it was started there)."""
+    resume = shlex.quote(f"resume={_shown(run_dir)}")
+    if not this.enabled:
+        return f"resnet-train {resume}"
+    nodes = this.world_size // this.local_world_size
+    if this.launcher == "slurm":
+        return f"the same job ({this.world_size} tasks) with {resume} added to its resnet-train command"
+    if nodes == 1:
+        return f"torchrun --nproc_per_node={this.world_size} -m resnet_train {resume}"
+    return (f"torchrun --nnodes={nodes} --nproc_per_node={this.local_world_size} <your rendezvous options> "
+            f"-m resnet_train {resume}   (on each of the {nodes} machines)")
 
 
 def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn.Module]:
