@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from omegaconf import DictConfig
 
 from . import runs, sweep, world  # sweep registers the job-name resolver train.yaml uses
 from .composing import hydra_error
-from .config import CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PREDICT_KEYS, Key, override_key
+from .config import CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PREDICT_KEYS, Key, duration_seconds, override_key
 from .errors import Refused, UserError, is_out_of_memory
 from .files import STORAGE_ERRNOS, storage_error
 
@@ -126,11 +127,21 @@ def _train_command(args: list[str]) -> None:
     if this.launcher == "torchrun":  # agree on one run dir before Hydra makes one (SLURM's jobs have theirs)
         from . import distributed
 
-        distributed.init_process_group(this)
+        distributed.init_process_group(this, _collective_timeout(args))
         stamp = distributed.broadcast_from_main(runs.free_stamp(time.strftime("%Y-%m-%d/%H-%M-%S")))
         args = runs.distributed_arguments(args, this.is_main, stamp)
     sys.argv[1:] = args
     _train_app()
+
+
+def _collective_timeout(args: list[str]) -> float:
+    """collective_timeout= as given (torchrun's processes join before Hydra reads the config; a
+    value it refuses later is replaced by the default until then)."""
+    from .distributed import DEFAULT_TIMEOUT_S
+
+    given = [a.split("=", 1)[1] for a in args if override_key(a) == "collective_timeout"]
+    value = given[-1] if given else DEFAULT_TIMEOUT_S
+    return duration_seconds(float(value) if re.fullmatch(r"[\d.]+", str(value)) else value) or DEFAULT_TIMEOUT_S
 
 
 # --------------------------------------------------------------------------------------------

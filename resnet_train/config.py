@@ -172,7 +172,7 @@ KEYS: dict[str, Key] = {
     "early_stopping.min_epochs": Key(non_negative_int, "a non-negative integer"),
     "early_stopping.metric": choice(EARLY_STOPPING_METRICS),
     "early_stopping.min_delta": Key(number_in(0, math.inf), "a number >= 0"),
-    "resume": Key(optional(lambda v: isinstance(v, str) and v != ""), "a checkpoint, a run dir or latest"),
+    "resume": Key(optional(lambda v: isinstance(v, str) and v != ""), "a checkpoint, a run dir, latest or auto"),
     # where and how fast it runs
     "device": Key(lambda v: isinstance(v, str), "auto, cpu, cuda, cuda:N or mps", resumable=True),
     "precision": choice(PRECISIONS, resumable=True),
@@ -181,6 +181,8 @@ KEYS: dict[str, Key] = {
     "deterministic": Key(boolean, YES_NO, resumable=True),
     "num_workers": Key(non_negative_int, "a non-negative integer", resumable=True),
     "progress": Key(optional(boolean), "true, false or null", resumable=True),
+    "collective_timeout": Key(lambda v: duration_seconds(v) is not None, "seconds or a duration like 10m",
+                              resumable=True),
     "log_every_n_steps": Key(positive_int, "a positive integer", resumable=True),
     "checkpoint.every_n_steps": Key(non_negative_int, "a non-negative integer", resumable=True),
     "tensorboard.images": Key(boolean, YES_NO, resumable=True),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import torch
@@ -17,16 +18,45 @@ from . import world as worlds
 from .world import World
 
 
-def init_process_group(info: World) -> None:
-    """Join the process group once: nccl for CUDA tensors (with gloo for CPU ones), gloo without GPUs."""
+DEFAULT_TIMEOUT_S = 600.0  # (the collective_timeout key's default: NCCL's own)
+_timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
+
+
+def init_process_group(info: World, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the process group once: nccl for CUDA tensors (with gloo for CPU ones), gloo without
+    GPUs. A collective that waits `timeout_s` for a hung process fails (`is_peer_failure`)."""
+    global _timeout
     if not info.enabled or dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ:  # SLURM without torchrun
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = worlds.slurm_master(dict(os.environ))
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = worlds.master_address(dict(os.environ))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+    _timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, store=_restart_store(info), rank=info.rank, world_size=info.world_size,
+                            timeout=_timeout)
+
+
+def _restart_store(info: World) -> dist.Store | None:
+    """torchrun's agent hosts one store for all the restarts of its processes (--max-restarts), and
+    torch 2.14 keys the process group's entries in it alike for each: a restarted process may read
+    the address of the one it replaced (gloo: "connectFullMesh failed"). A prefix per restart keeps
+    them apart. (None: torch's own env:// store.)"""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=_timeout)
+    return dist.PrefixStore(f"resnet-train/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process of the run exited or
+    stopped answering (its connection reset, or the collective timeout passed)."""
+    text = str(error)
+    return active() and (isinstance(error, dist.DistError) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out",
+                            "NCCL error", "gloo")))
 
 
 def shutdown() -> None:
@@ -112,7 +142,7 @@ _CPU_GROUP = None
 def _cpu_group():
     global _CPU_GROUP
     if _CPU_GROUP is None:
-        _CPU_GROUP = dist.new_group(backend="gloo")
+        _CPU_GROUP = dist.new_group(backend="gloo", timeout=_timeout)
     return _CPU_GROUP
 
 

@@ -52,6 +52,11 @@ class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
 
 
+class PeerLost(UserError):
+    """Another process of a multi-process run exited or stopped answering (a fault, not a mistake)."""
+    exit_code = 1
+
+
 class ExportError(UserError):
     """A model could not be exported, or the exported file does not give the model's answers."""
 

@@ -242,6 +242,8 @@ def resume_arguments(args: list[str]) -> list[str]:
         return args
     if {"-m", "--multirun"} & set(args):
         raise ConfigError("resume= continues one run; it cannot be combined with -m")
+    if given[-1] == "auto":
+        return _start_or_resume_arguments(args)
     target = Path(given[-1]).expanduser()
     try:
         checkpoint = find_checkpoint(given[-1])
@@ -259,6 +261,19 @@ def resume_arguments(args: list[str]) -> list[str]:
                                   "leave out hydra.run.dir")
     rest = [a for a in rest if not a.startswith("hydra.run.dir=")]
     return [*rest, f"resume={_quote(checkpoint)}", f"hydra.run.dir={_quote(run_dir)}", "hydra.output_subdir=null"]
+
+
+def _start_or_resume_arguments(args: list[str]) -> list[str]:
+    """`resume=auto`, for launchers that rerun the same command after a failure or a preemption
+    (torchrun --max-restarts, a requeued SLURM job): the run in hydra.run.dir resumed when it has a
+    checkpoint, else started there (a run that died before its first checkpoint starts again)."""
+    given = [a.split("=", 1)[1].strip("'\"") for a in args if a.startswith("hydra.run.dir=")]
+    if not given:
+        raise ConfigError("resume=auto starts or continues the run in hydra.run.dir: give one (e.g. "
+                          "hydra.run.dir=outputs/my-run); the default run dir is named by the time, new at every start")
+    rest = [a for a in args if not a.startswith("resume=")]
+    run_dir = Path(given[-1]).expanduser()
+    return resume_arguments([*rest, f"resume={run_dir}"]) if has_checkpoint(run_dir) else rest
 
 
 def _restart_arguments(run_dir: Path, args: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from . import world
+from . import launchers, world
 from .config import override_key
 from .errors import Refused, RunDirError, UserError
 from .files import atomic_write, write_json
@@ -114,6 +114,7 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         swept, jobs = sweep_plan(config)
         os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
+        launchers.report_jobs_by_their_first_task()
         refuse_taken_job_dirs(config)
         if world.from_environment().is_main:  # the id tells this sweep's jobs from a reused dir's older ones
             try:
@@ -158,6 +159,7 @@ class SweepSummary(Callback):
             self._print(sweep_dir, rows)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        launchers.report_jobs_by_every_task()
         if not world.from_environment().is_main:
             if self.failed_here:
                 raise SystemExit(2)  # the first process reports the sweep's failures

@@ -3,7 +3,7 @@ its index on its machine, as torchrun or SLURM tell it through the environment.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. SLURM (e.g. Hydra's submitit launcher, which starts
 one task per GPU with srun) sets SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID and the node
-list. Without either we are a single process. No torch here: the command line reads this before
+list; submitit's local executor its SUBMITIT_LOCAL_* variables. Without either we are a single process. No torch here: the command line reads this before
 anything heavy is imported (`distributed.py` joins the process group).
 """
 
@@ -36,6 +36,11 @@ def from_environment(env: dict[str, str] | None = None) -> World:
     if int(env.get("WORLD_SIZE", "1")) > 1:  # torchrun
         return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), "torchrun",
                      int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+    if env.get("SUBMITIT_EXECUTOR") == "local" and int(env.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
+        # submitit's local executor (hydra/launcher=submitit_local): its LocalJobEnvironment's variables
+        tasks = int(env["SUBMITIT_LOCAL_NTASKS"])
+        return World(int(env["SUBMITIT_LOCAL_GLOBALID"]), tasks, int(env.get("SUBMITIT_LOCAL_LOCALID", "0")),
+                     "submitit", tasks)
     if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # tasks of one srun step (submitit uses srun)
         return World(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0")),
                      "slurm", _slurm_tasks_here(env))
@@ -49,10 +54,12 @@ def _slurm_tasks_here(env: dict[str, str]) -> int:
     return int(match.group(1)) if match else int(env["SLURM_STEP_NUM_TASKS"])
 
 
-def slurm_master(env: dict[str, str]) -> tuple[str, str]:
-    """MASTER_ADDR / MASTER_PORT for a SLURM step: the first node of the step, a port from the job id."""
+def master_address(env: dict[str, str]) -> tuple[str, str]:
+    """MASTER_ADDR / MASTER_PORT for a SLURM step or a submitit local job: the first node of the
+    step (or this machine), a port from the job id (so two jobs on one node do not meet)."""
+    job = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID", "0")
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
     first = nodes.split(",")[0]
     match = re.match(r"([^\[]+)\[(\d+)", first)  # node[003-010,012] -> node003
     host = match.group(1) + match.group(2) if match else first
-    return host, str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return host, str(20000 + int(re.sub(r"\D", "", job) or 0) % 20000)

@@ -10,7 +10,7 @@ from conftest import Runner, assert_ok, assert_one_error, metrics_of, write_imag
 from hydra import compose, initialize_config_module
 
 from resnet_train.data import Augment, BatchTransform, MemoryLoader, Shard
-from resnet_train.world import World, from_environment, slurm_master
+from resnet_train.world import World, from_environment, master_address
 
 # A frozen backbone keeps BatchNorm in eval mode, so one process and two must agree up to float
 # rounding (with BatchNorm training, each process normalizes its half batch: model.sync_bn=true
@@ -33,8 +33,8 @@ def test_environment_gives_the_ranks():
              "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
     assert from_environment(slurm) == World(5, 8, 1, "slurm", 4)
     assert from_environment({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == World()  # a batch script, not srun
-    assert slurm_master(slurm) == ("gpu07", str(20000 + 123456 % 20000))
-    assert slurm_master({"SLURM_JOB_NODELIST": "a1,b2"})[0] == "a1"
+    assert master_address(slurm) == ("gpu07", str(20000 + 123456 % 20000))
+    assert master_address({"SLURM_JOB_NODELIST": "a1,b2"})[0] == "a1"
 
 
 def test_two_shards_see_exactly_what_one_process_sees():
@@ -234,3 +234,74 @@ def test_the_resume_command_after_a_stop_is_the_one_that_started_the_run(tmp_pat
     two_nodes = _resume_command(run, World(1, 2, 0, "torchrun", 1))  # (used to say --nproc_per_node=2)
     assert two_nodes.startswith("torchrun --nnodes=2 --nproc_per_node=1 ") and "each of the 2 machines" in two_nodes
     assert "resume=outputs/r" in _resume_command(run, World(3, 8, 1, "slurm", 4))
+
+
+def test_torchrun_restarts_a_killed_process_and_the_run_ends_as_if_never_stopped(runs, tmp_path):
+    """torchrun --max-restarts reruns the same command: with resume=auto the restarted processes
+    continue from last.pt (written every 4 steps) after one of them was SIGKILLed at step 10, and
+    the weights end bitwise equal to the uninterrupted 2-process run's."""
+    user, _ = runs
+    pid_file, hook = tmp_path / "rank1.pid", tmp_path / "first_attempt_rank1_waits.py"
+    hook.write_text("import os\n"
+                    "if os.environ.get('TORCHELASTIC_RESTART_COUNT') == '0' and os.environ.get('RANK') == '1':\n"
+                    "    os.environ['RESNET_TRAIN_PAUSE_AT'] = 'train_step@10'\n"
+                    f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n")
+    proc = user.popen("torchrun", "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m", "resnet_train",
+                      *RUN, "checkpoint.every_n_steps=4", "hydra.run.dir=restarted", "resume=auto",
+                      env={"RESNET_TRAIN_TEST_HOOK": str(hook)})
+    for line in proc.stdout:
+        if line.startswith("paused at"):
+            break
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert "part-way through epoch 1/2, step 8" in output
+    assert "error: process 0 of 2: another process of the run exited or stopped answering" in output  # (attempt 1)
+    assert "Traceback" not in output
+    assert_ok(torchrun(user, *RUN, "checkpoint.every_n_steps=4", "hydra.run.dir=uninterrupted"))
+    reference = user.cwd / "uninterrupted" / "checkpoints" / "last.pt"
+    ours = torch.load(user.cwd / "restarted" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    theirs = torch.load(reference, weights_only=True)["model"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_hung_process_ends_the_run_within_the_collective_timeout(runs, tmp_path):
+    """Process 1 stops answering after step 3 (paused, not dead): process 0 gives up after
+    collective_timeout with one line that says what was saved and how to continue."""
+    user, _ = runs
+    hook = tmp_path / "rank1_hangs.py"
+    hook.write_text("import os\n"
+                    "if os.environ.get('RANK') == '1':\n"
+                    "    os.environ['RESNET_TRAIN_PAUSE_AT'] = 'train_step@6'\n")
+    result = Runner(user.cwd, RESNET_TRAIN_TEST_HOOK=str(hook)).installed(
+        "torchrun", "--standalone", "--nproc_per_node=2", "-m", "resnet_train", *RUN, "checkpoint.every_n_steps=4",
+        "collective_timeout=5s", "hydra.run.dir=hung", timeout=180)
+    assert result.returncode != 0
+    line = next(line for line in result.stderr.splitlines() if line.startswith("error: process 0 of 2"))
+    assert "stopped answering" in line and "the last checkpoint is hung/checkpoints/last.pt" in line
+    assert "continue with: torchrun --nproc_per_node=2 -m resnet_train resume=hung" in line
+    assert "[rank0]: Traceback" not in result.stderr  # (torchrun's own report of the failed process has one)
+
+
+def test_submitit_local_tasks_form_one_run_and_a_failed_task_fails_the_job(tmp_path):
+    """hydra/launcher=submitit_local with 2 tasks: the tasks read their ranks from submitit's
+    variables and train one model together; when one crashes, the other says so and the sweep
+    counts the job failed (the launcher reports only the first task's result)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    hook = tmp_path / "task1_crashes.py"
+    hook.write_text("import os\n"
+                    "if os.environ.get('SUBMITIT_LOCAL_GLOBALID') == '1' and os.environ.get('CRASH') == '1':\n"
+                    "    from resnet_train import pause\n"
+                    "    pause.point = lambda name: os._exit(3) if name == 'train_step' else None\n")
+    user = Runner(tmp_path / "work", RESNET_TRAIN_TEST_HOOK=str(hook))
+    write_image_folder(user.cwd / "pets", {"train": 64, "test": 16}, num_classes=2)
+    job = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=5",
+           "model=resnet20", "dataset=image_folder", "dataset.root=pets", "epochs=1", "batch_size=16", "num_workers=0",
+           "tensorboard.images=false", "dataset.val_size=0"]
+    assert_ok(user("resnet-train", *job, "hydra.sweep.dir=together", timeout=300))
+    logs = "".join(p.read_text() for p in (user.cwd / "together").glob(".submitit/*/*_0_log.out"))
+    assert "2 processes (DistributedDataParallel), global batch 16" in logs and "Done in" in logs
+    crashed = Runner(user.cwd, RESNET_TRAIN_TEST_HOOK=str(hook), CRASH="1")
+    result = crashed("resnet-train", *job, "hydra.sweep.dir=crashed", timeout=300)
+    assert result.returncode == 2 and "1 of 1 sweep jobs failed" in result.stderr
+    assert "failed" in (user.cwd / "crashed" / "summary.csv").read_text()

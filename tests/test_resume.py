@@ -171,3 +171,32 @@ def test_bad_checkpoints_are_refused_and_nothing_is_overwritten(reference_run, u
     if damage in ("other_model", "other_classes"):  # (resnet-eval's own bad-file cases are in test_cli)
         assert_one_error(user("resnet-eval", f"checkpoint={last}"), "do not fit this")
         assert snapshot(run_dir) == before
+
+
+def test_resume_auto_starts_then_continues_with_the_same_command(reference_run, user):
+    """`resume=auto` is one command line for a launcher that reruns it: the first start trains from
+    scratch, a rerun after kill -9 continues from last.pt, and the run ends as if never stopped."""
+    command = [*RUN, "hydra.run.dir=runs/auto", "resume=auto"]
+    proc = user.popen("resnet-train", *command, env={"RESNET_TRAIN_PAUSE_AT": "train_step@10"})
+    _until_paused(proc)
+    proc.kill()
+    proc.wait()
+    assert last_state(user.cwd / "runs" / "auto")["global_step"] == 8  # (checkpoint.every_n_steps=4)
+    result = user("resnet-train", *command)
+    assert_ok(result)
+    assert "Resuming from" in result.stdout
+    assert_same_final_state(reference_run, user.cwd / "runs" / "auto")
+    assert_one_error(user("resnet-train", *RUN, "resume=auto"), "resume=auto starts or continues the run in "
+                     "hydra.run.dir: give one")
+
+
+def test_resume_auto_restarts_an_unstarted_run_in_place(user, tmp_path):
+    """Killed before its first checkpoint: the rerun starts it again in the same dir (no refusal)."""
+    command = [*RUN, "epochs=1", "hydra.run.dir=runs/unstarted", "resume=auto"]
+    proc = user.popen("resnet-train", *command, env={"RESNET_TRAIN_PAUSE_AT": "train_step@1"})
+    _until_paused(proc)
+    proc.kill()
+    proc.wait()
+    assert last_state(user.cwd / "runs" / "unstarted") is None
+    assert_ok(user("resnet-train", *command))
+    assert metrics_of(user.cwd / "runs" / "unstarted")["epochs"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import shlex
 import signal
 import time
@@ -21,7 +22,7 @@ from ..config import duration_seconds, hparam_values
 from ..data import Data, Shard
 from ..device import Precision, configure_backends, describe, use_channels_last
 from ..engine import TrainingInterrupted
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, PeerLost, UserError, first_line
 from ..fit import Cadence, EvalSettings, Fit
 from ..reporting import ImageSettings, RunReporter, SilentReporter
 from ..run_state import EarlyStopping, TrainState
@@ -37,14 +38,21 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at:
     planned here unless preflight.CheckBeforeRun planned it before Hydra made the run dir."""
     started_at = started_at or time.time()
     this = world.from_environment()
-    distributed.init_process_group(this)  # torchrun joined before Hydra; SLURM/submitit tasks join here
+    # (torchrun's processes joined before Hydra; SLURM's and submitit's tasks join here)
+    distributed.init_process_group(this, duration_seconds(cfg.collective_timeout))
     if not this.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
     if this.is_main:
         runs.lock(run_dir)  # (already held when the CheckBeforeRun callback claimed it)
     try:
         plan = preflight.take_plan(run_dir) or preflight.plan_run(cfg, list(overrides), this)
-        return _train(plan, Path(run_dir), started_at)
+        metrics = _train(plan, Path(run_dir), started_at)
+        distributed.barrier()  # (a process that failed at the end fails the others: its job is failed)
+        return metrics
+    except RuntimeError as e:
+        if not distributed.is_peer_failure(e):
+            raise
+        raise PeerLost(_peer_lost(e, run_dir, this)) from None
     finally:
         runs.unlock(run_dir)
         distributed.shutdown()
@@ -63,6 +71,9 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
     if cfg.epochs == "auto":
         cfg.epochs = _epochs_for_budget(cfg, model, data, precision, device, started_at)
     step = training_step(cfg, model, precision, len(data.train) // cfg.accumulate_grad_batches, device)
+    if step.scaler.is_enabled() and not any(group.get("fused") for group in step.optimizer.param_groups):
+        log.info(f"Note: fp16 with {type(step.optimizer).__name__}, which has no fused kernel: the GradScaler checks "
+                 "the gradients for inf on the host, one GPU sync a step (fused optimizers and bf16 have none)")
     if cfg.accumulate_grad_batches > 1:
         log.info(f"Effective batch: {cfg.accumulate_grad_batches} x {cfg.batch_size} = "
                  f"{cfg.accumulate_grad_batches * cfg.batch_size} images per optimizer step")
@@ -106,6 +117,15 @@ def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision) -> 
                               "stored_size": data.stored_size}}
 
 
+def _peer_lost(error: RuntimeError, run_dir: Path, this: world.World) -> str:
+    """A collective failed: what happened, what was saved, how to go on -- in one line."""
+    cause = re.sub(r"^\[[^\]]*\] ", "", first_line(error))  # (gloo prefixes its source file and line)
+    saved = (f"the last checkpoint is {_shown(runs.checkpoint_file(run_dir))}" if runs.has_checkpoint(run_dir)
+             else "no checkpoint was written yet")
+    return (f"process {this.rank} of {this.world_size}: another process of the run exited or stopped answering "
+            f"({cause}); {saved}; continue with: {_resume_command(run_dir, this)}")
+
+
 def _resume_command(run_dir: Path, this: world.World) -> str:
     """The command that continues the run, as the user would type it (with several machines: on
     each, as it was started there)."""
@@ -113,7 +133,7 @@ def _resume_command(run_dir: Path, this: world.World) -> str:
     if not this.enabled:
         return f"resnet-train {resume}"
     nodes = this.world_size // this.local_world_size
-    if this.launcher == "slurm":
+    if this.launcher in ("slurm", "submitit"):
         return f"the same job ({this.world_size} tasks) with {resume} added to its resnet-train command"
     if nodes == 1:
         return f"torchrun --nproc_per_node={this.world_size} -m resnet_train {resume}"
