@@ -30,7 +30,10 @@ def init_process_group(info: World, timeout_s: float = DEFAULT_TIMEOUT_S) -> Non
         return
     if "MASTER_ADDR" not in os.environ:  # SLURM without torchrun
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = worlds.master_address(dict(os.environ))
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    # (RESNET_TRAIN_DIST_BACKEND=gloo: gloo for CUDA tensors too, e.g. two processes on one GPU,
+    # which NCCL refuses: scripts/gpu_smoke.py)
+    backend = os.environ.get("RESNET_TRAIN_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available()
+                                                              else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     _timeout = timedelta(seconds=timeout_s)

@@ -297,3 +297,22 @@ def test_one_gpu_named_for_several_processes_of_a_machine_is_refused(compose_cfg
     with pytest.raises(ConfigError, match=r"device=cuda:1 would put all 2 processes of this machine on one GPU.*"
                                           r"CUDA_VISIBLE_DEVICES"):
         plan_run(compose_cfg("device=cuda:1", "epochs=1"), [], World(1, 4, 1, "torchrun", 2))
+
+
+def test_the_gpu_smoke_test_fails_where_it_cannot_run_and_its_rows_hold_on_a_cpu(tmp_path):
+    """scripts/gpu_smoke.py without a GPU fails (a smoke test that ran nothing has not passed); its
+    harness, run on the CPU (--device cpu: the rows that need CUDA skipped), passes every other row."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "2"}
+    smoke = [sys.executable, str(ROOT / "scripts" / "gpu_smoke.py"), "--json", str(tmp_path / "smoke.json")]
+    result = subprocess.run(smoke, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: no CUDA GPU visible")
+    result = subprocess.run([*smoke, "--device", "cpu"], env=env, capture_output=True, text=True, cwd=tmp_path,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = {r["row"]: r["result"] for r in json.loads((tmp_path / "smoke.json").read_text())["rows"]}
+    assert list(rows.values()).count("PASS") == 9 and "FAIL" not in rows.values(), rows
