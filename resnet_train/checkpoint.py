@@ -298,8 +298,9 @@ class RunCheckpoints:
     def load_model_weights(self, name: str) -> None:
         """The model gets the weights checkpoint `name` selects (its EMA weights where the run kept
         and selects them: `selected_weights`, as eval, predict and export take them)."""
-        distributed.barrier()  # the first process has written it
-        load_model_state(self.model, selected_weights(load_checkpoint(self.path(name))), str(self.path(name)))
+        if self.writer:  # (the others receive them: no shared disk needed)
+            load_model_state(self.model, selected_weights(load_checkpoint(self.path(name))), str(self.path(name)))
+        distributed.broadcast_state(unwrap(self.model))
 
 
 def first_nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer, ema: WeightEMA | None = None) -> str | None:

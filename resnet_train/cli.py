@@ -122,14 +122,18 @@ def train_main() -> None:
 
 
 def _train_command(args: list[str]) -> None:
-    args = runs.resume_arguments(args)
     this = world.from_environment()
     if this.launcher == "torchrun":  # agree on one run dir before Hydra makes one (SLURM's jobs have theirs)
         from . import distributed
 
+        # Only the first process reads and writes the run dir: the others (on other machines, maybe
+        # without a shared disk) take its decisions and a scratch dir of their own.
         distributed.init_process_group(this, _collective_timeout(args))
-        stamp = distributed.broadcast_from_main(runs.free_stamp(time.strftime("%Y-%m-%d/%H-%M-%S")))
+        args = distributed.decided_by_main(lambda: runs.resume_arguments(args))
+        stamp = distributed.decided_by_main(lambda: runs.free_stamp(time.strftime("%Y-%m-%d/%H-%M-%S")))
         args = runs.distributed_arguments(args, this.is_main, stamp)
+    else:
+        args = runs.resume_arguments(args)
     sys.argv[1:] = args
     _train_app()
 

@@ -7,6 +7,7 @@ processes every function here is a no-op.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from datetime import timedelta
 from typing import Any, Callable, Iterator
@@ -132,6 +133,33 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     if active():
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
+
+
+def decided_by_main(decide: Callable[[], Any]) -> Any:
+    """`decide()` as the first process answers it, on every process -- its error raised on every
+    process too -- so that only the first reads run files (the others may have no shared disk)."""
+    if not active():
+        return decide()
+    answer = b""
+    if rank() == 0:
+        try:
+            decided: tuple[str, Any] = ("value", decide())
+        except Exception as e:  # (a user error: every process says it and exits alike)
+            decided = ("error", e)
+        buffer = io.BytesIO()  # (torch.save: broadcast_object_list cannot pickle tensors in torch 2.14)
+        torch.save(decided, buffer)
+        answer = buffer.getvalue()
+    kind, value = torch.load(io.BytesIO(broadcast_from_main(answer)), weights_only=False)  # (from process 0)
+    if kind == "error":
+        raise value
+    return value
+
+
+def broadcast_state(module: torch.nn.Module) -> None:
+    """The first process's weights and buffers, in place, on every process."""
+    if active():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, 0)
 
 
 def barrier() -> None:

@@ -60,6 +60,7 @@ def plan_run(cfg: DictConfig, overrides: list[str], this: world.World | None = N
     """Check a run described by `cfg` (composed from the command line `overrides`) for process
     `this` of its world; ConfigError (or another UserError) naming what is wrong."""
     validate(cfg, of_stored_run=bool(cfg.resume))  # (before torch is imported: answers at once)
+    from . import distributed
     from .build import check_buildable, check_weights_fit
     from .checkpoint import load_checkpoint
     from .device import pick_device_and_precision
@@ -68,8 +69,8 @@ def plan_run(cfg: DictConfig, overrides: list[str], this: world.World | None = N
     ckpt = None
     if not cfg.resume and cfg.time_budget is not None and cfg.epochs != "auto":  # (a stored run has both)
         raise ConfigError(f"time_budget={cfg.time_budget} picks the number of epochs: set epochs=auto with it")
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
+    if cfg.resume:  # (read by the first process, received by the others: no shared disk needed)
+        ckpt = distributed.decided_by_main(lambda: load_checkpoint(cfg.resume))
         check_weights_fit(ckpt, cfg.resume)
         cfg = _resumed_config(ckpt, cfg, overrides)
     if cfg.batch_size % this.world_size:

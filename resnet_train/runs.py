@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -31,6 +32,7 @@ STAMP_ENV = "RESNET_TRAIN_RUN_STAMP"  # torchrun's agreed time stamp (train.yaml
 _held: dict[Path, int] = {}  # run dir -> the open lock file's descriptor, while this process holds it
 _restart: set[Path] = set()  # run dirs that `resume=` starts again (no checkpoint yet): may be reused
 _created: set[Path] = set()  # run dirs this process made (removed again if the run fails before training)
+_scratch: set[Path] = set()  # the run dir Hydra makes for a process other than the first (not the run's)
 
 
 def checkpoint_file(run_dir: Path, name: str = "last") -> Path:
@@ -295,10 +297,20 @@ def free_stamp(stamp: str) -> str:
 
 
 def distributed_arguments(args: list[str], is_main: bool, stamp: str) -> list[str]:
-    """Under torchrun every process uses the first one's run dir (its time stamp, see train.yaml's
-    hydra.run.dir); only the first writes the .hydra/ record and train.log, and checks the run dir."""
+    """Under torchrun the first process makes and checks the run dir (its time stamp, see train.yaml's
+    hydra.run.dir) and writes everything in it; the others run in a scratch dir of their own, so no
+    disk need be shared between machines."""
     os.environ[STAMP_ENV] = stamp
     if is_main:
         return args
-    return [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled",
+    scratch = Path(tempfile.mkdtemp(prefix="resnet-train-process-"))  # (Hydra makes a run dir; this one is
+    _scratch.add(scratch.resolve())                                    # removed at the end: remove_scratch)
+    return [*[a for a in args if not a.startswith("hydra.run.dir=")], f"hydra.run.dir={_quote(scratch)}",
+            "hydra.output_subdir=null", "hydra/job_logging=disabled",
             "hydra.callbacks.check_before_run.enabled=false"]  # (preflight.CheckBeforeRun)
+
+
+def remove_scratch(run_dir: Path) -> None:
+    """The scratch dir a process other than the first ran in (distributed_arguments), when it is one."""
+    if Path(run_dir).resolve() in _scratch:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -3,6 +3,7 @@ sharding that makes N processes see exactly what one process sees."""
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -305,3 +306,70 @@ def test_submitit_local_tasks_form_one_run_and_a_failed_task_fails_the_job(tmp_p
     result = crashed("resnet-train", *job, "hydra.sweep.dir=crashed", timeout=300)
     assert result.returncode == 2 and "1 of 1 sweep jobs failed" in result.stderr
     assert "failed" in (user.cwd / "crashed" / "summary.csv").read_text()
+
+
+def test_two_machines_without_a_shared_disk(cifar_root, tmp_path):
+    """Two torchrun "nodes" in working directories of their own: the first node's process reads
+    and writes every run file (the other receives the resumed checkpoint and the best weights over
+    the process group), so the run -- and its resume -- lives in one run dir on the first node."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    nodes = [Runner(tmp_path / f"node{k}") for k in (0, 1)]
+    for node in nodes:
+        (node.cwd / "data").symlink_to(cifar_root)
+
+    def both(*args: str) -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [node.popen("torchrun", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={k}",
+                            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "resnet_train", *RUN, *args)
+                 for k, node in enumerate(nodes)]
+        with ThreadPoolExecutor(2) as pool:
+            outputs = [out for out, _ in pool.map(lambda p: p.communicate(timeout=300), procs)]
+        for proc, output in zip(procs, outputs):
+            assert proc.returncode == 0, output
+        return outputs
+
+    first = both("epochs=1")
+    run_dirs = [p.parent for p in (nodes[0].cwd / "outputs").glob("*/*/checkpoints")]
+    assert len(run_dirs) == 1 and "2 processes (DistributedDataParallel)" in first[0]
+    assert not (nodes[1].cwd / "outputs").exists() and sorted(p.name for p in nodes[1].cwd.iterdir()) == ["data"]
+    assert metrics_of(run_dirs[0])["test_images"] == 500
+    both(f"resume={run_dirs[0].relative_to(nodes[0].cwd)}", "epochs=2")  # (that path exists on the first node only)
+    assert [r["epoch"] for r in metrics_of(run_dirs[0])["history"]] == [1, 2]
+    assert sorted(p.name for p in nodes[1].cwd.iterdir()) == ["data"]
+
+
+def test_a_preempted_submitit_job_is_requeued_and_continues_its_run(tmp_path):
+    """USR2 (what SLURM and submitit send before a time limit or on preemption) mid-epoch: the run
+    saves last.pt at the next step, submitit requeues the job, and the requeued job continues the
+    run, ending bitwise equal to an uninterrupted one."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    pid_file = tmp_path / "task0.pid"
+    hook = tmp_path / "first_attempt_waits.py"
+    hook.write_text("import os\n"
+                    f"if os.environ.get('SUBMITIT_LOCAL_GLOBALID') == '0' and not os.path.exists({str(pid_file)!r}):\n"
+                    "    os.environ.update(RESNET_TRAIN_PAUSE_AT='train_step@5', RESNET_TRAIN_PAUSE_SECONDS='120')\n"
+                    f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n")
+    user = Runner(tmp_path / "work", RESNET_TRAIN_TEST_HOOK=str(hook))
+    write_image_folder(user.cwd / "pets", {"train": 64, "test": 16}, num_classes=2)
+    run = ["model=resnet20", "dataset=image_folder", "dataset.root=pets", "epochs=2", "batch_size=16",
+           "num_workers=0", "tensorboard.images=false", "dataset.val_size=0", "log_every_n_steps=1"]
+    sweep = user.popen("resnet-train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                       "hydra.sweep.dir=preempted", *run)
+    deadline = time.time() + 240
+    while not any("paused at" in p.read_text() for p in (user.cwd / "preempted").glob(".submitit/*/*_0_log.err")):
+        assert time.time() < deadline and sweep.poll() is None, "the job never reached step 5"
+        time.sleep(0.2)
+    os.kill(int(pid_file.read_text()), signal.SIGUSR2)
+    output, _ = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, output
+    logs = "".join(p.read_text() for p in (user.cwd / "preempted").glob(".submitit/*/*_0_log.out"))
+    assert "Stopped by SIGUSR2 at epoch 2, step 5" in logs and "part-way through epoch 2/2, step 5" in logs
+    job = next((user.cwd / "preempted").glob("*/checkpoints")).parent
+    assert_ok(Runner(user.cwd)("resnet-train", *run, "hydra.run.dir=uninterrupted"))
+    ours = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["model"]
+    theirs = torch.load(user.cwd / "uninterrupted" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

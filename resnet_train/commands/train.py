@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import budget, distributed, pause, preflight, runs, world
 from ..build import build_model, describe_model, load_data, seed_everything, training_step, wrap_for_training
@@ -31,11 +31,15 @@ from ..sweep import swept_keys
 log = logging.getLogger("resnet_train")
 
 
+_main_run_dir = Path()  # the run dir, as the first process named it (what the others' messages show)
+
+
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at: float | None = None) -> dict:
     """Train (or continue, `cfg.resume`) the run described by `cfg` in `run_dir`; return its final
     metrics. `overrides` is the command line, against which a resumed run's config is checked;
     `started_at`, when the command started (time_budget counts from it; default: now). The run is
     planned here unless preflight.CheckBeforeRun planned it before Hydra made the run dir."""
+    global _main_run_dir
     started_at = started_at or time.time()
     this = world.from_environment()
     # (torchrun's processes joined before Hydra; SLURM's and submitit's tasks join here)
@@ -44,17 +48,25 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at:
         logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
     if this.is_main:
         runs.lock(run_dir)  # (already held when the CheckBeforeRun callback claimed it)
+    if not cfg.resume and os.environ.get("SUBMITIT_EXECUTOR") and runs.has_checkpoint(run_dir):
+        # A submitit job finding its own checkpoint was requeued (a sweep refuses used job dirs before it
+        # submits): it continues the run.
+        with open_dict(cfg):
+            cfg.resume = str(runs.checkpoint_file(run_dir))
     try:
         plan = preflight.take_plan(run_dir) or preflight.plan_run(cfg, list(overrides), this)
+        # (after planning, where the first process's plan broadcast its checkpoint: before Hydra)
+        _main_run_dir = Path(distributed.decided_by_main(lambda: str(run_dir)))  # (the others run in scratch dirs)
         metrics = _train(plan, Path(run_dir), started_at)
         distributed.barrier()  # (a process that failed at the end fails the others: its job is failed)
         return metrics
     except RuntimeError as e:
         if not distributed.is_peer_failure(e):
             raise
-        raise PeerLost(_peer_lost(e, run_dir, this)) from None
+        raise PeerLost(_peer_lost(e, run_dir if this.is_main else _main_run_dir, this)) from None
     finally:
         runs.unlock(run_dir)
+        runs.remove_scratch(run_dir)
         distributed.shutdown()
 
 
@@ -100,6 +112,7 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
         stop.signum = stop.signum or signal.SIGTERM  # another process received it
         log.warning(f"Stopped by {signal.Signals(stop.signum).name} at epoch {state.epoch + 1}, step "
                     f"{state.global_step}; saved {checkpoints.path('last')}. Resume with:\n  {_resume_command(run_dir, this)}")
+        stop.requeue()
         raise SystemExit(128 + stop.signum) from None
     finally:
         reporter.close()
@@ -120,10 +133,10 @@ def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision) -> 
 def _peer_lost(error: RuntimeError, run_dir: Path, this: world.World) -> str:
     """A collective failed: what happened, what was saved, how to go on -- in one line."""
     cause = re.sub(r"^\[[^\]]*\] ", "", first_line(error))  # (gloo prefixes its source file and line)
-    saved = (f"the last checkpoint is {_shown(runs.checkpoint_file(run_dir))}" if runs.has_checkpoint(run_dir)
-             else "no checkpoint was written yet")
+    saved = ("" if not this.is_main else f"; the last checkpoint is {_shown(runs.checkpoint_file(run_dir))}"
+             if runs.has_checkpoint(run_dir) else "; no checkpoint was written yet")  # (the first process's dir)
     return (f"process {this.rank} of {this.world_size}: another process of the run exited or stopped answering "
-            f"({cause}); {saved}; continue with: {_resume_command(run_dir, this)}")
+            f"({cause}){saved}; continue with: {_resume_command(run_dir, this)}")
 
 
 def _resume_command(run_dir: Path, this: world.World) -> str:
@@ -219,15 +232,24 @@ def _shown(path: Path) -> str:
 
 
 class GracefulStop:
-    """While active, the first SIGINT (Ctrl-C) or SIGTERM (preemption) asks training to stop at the
-    next step boundary; a second one ends the process at once."""
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM (preemption) -- or, in a submitit job,
+    USR2 (the warning before its time limit or a preemption) -- asks training to stop at the next
+    step boundary; a second one ends the process at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
 
     def __enter__(self) -> GracefulStop:
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR2] if os.environ.get("SUBMITIT_EXECUTOR") else [])
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
+
+    def requeue(self) -> None:
+        """After a USR2 stop was saved: submitit's own handler of it, which requeues the job (from
+        the first task) and exits; the requeued job continues the run from last.pt."""
+        handler = self.previous.get(signal.SIGUSR2)
+        if self.signum == signal.SIGUSR2 and callable(handler):
+            handler(signal.SIGUSR2, None)
 
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self.previous.items():
