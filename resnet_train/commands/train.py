@@ -48,7 +48,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at:
         logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
     if this.is_main:
         runs.lock(run_dir)  # (already held when the CheckBeforeRun callback claimed it)
-    if not cfg.resume and os.environ.get("SUBMITIT_EXECUTOR") and runs.has_checkpoint(run_dir):
+    if (not cfg.resume and os.environ.get("SUBMITIT_EXECUTOR")
+            and distributed.decided_by_main(lambda: runs.has_checkpoint(run_dir))):
         # A submitit job finding its own checkpoint was requeued (a sweep refuses used job dirs before it
         # submits): it continues the run.
         with open_dict(cfg):
