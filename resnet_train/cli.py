@@ -28,8 +28,9 @@ from omegaconf import DictConfig
 
 from . import runs, sweep, world  # sweep registers the job-name resolver train.yaml uses
 from .composing import hydra_error
-from .config import CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PREDICT_KEYS, Key, duration_seconds, override_key
-from .errors import Refused, UserError, is_out_of_memory
+from .config import (CONFIG_GROUPS, CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PREDICT_KEYS, Key,
+                     duration_seconds, override_key)
+from .errors import ConfigError, Refused, UserError, is_out_of_memory
 from .files import STORAGE_ERRNOS, storage_error
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -49,6 +50,7 @@ def run_command(command: Callable[[], Any], program: str = "resnet-train", keys:
     logging.raiseExceptions = False  # a log line that cannot be written (full disk) is dropped, not a traceback
     runs.forget_claims()
     try:
+        _check_command_line(sys.argv[1:], program)
         return command()
     except Refused as refused:
         _exit(str(refused.error), refused.error.exit_code)
@@ -63,6 +65,24 @@ def run_command(command: Callable[[], Any], program: str = "resnet-train", keys:
         if e.errno not in STORAGE_ERRNOS:
             raise
         _exit(str(storage_error(Path(e.filename or "a file"), e)), 2)
+
+
+def _check_command_line(args: list[str], program: str) -> None:
+    """Mistakes Hydra would answer with its usage text, or not at all: an unknown option, and a list
+    of a config group's choices without -m (Hydra merges them all: the last one wins)."""
+    from hydra._internal.utils import get_args_parser
+
+    unknown = [a for a in get_args_parser().parse_known_args(args)[1] if a.startswith("-")]
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]}: {program} takes KEY=VALUE overrides and Hydra's options "
+                          f"(-m, --cfg job, --info, ...); `{program} --help` lists them")
+    if {"-m", "--multirun"} & set(args):
+        return
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") in CONFIG_GROUPS and value.startswith("[") and value.endswith("]"):
+            raise ConfigError(f"{arg}: one run takes one {key}; to run each, sweep them with -m: "
+                              f"{program} -m {key}={value[1:-1]}")
 
 
 def _exit(message: str, code: int) -> None:
@@ -237,4 +257,4 @@ def summary_main() -> None:
         from .commands.summary import summary_table
 
         print(summary_table(args))
-    run_command(command)
+    run_command(command, "resnet-summary")

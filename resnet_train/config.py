@@ -239,6 +239,7 @@ KEYS: dict[str, Key] = {
     "scheduler.pct_start": Key(number_in(0, 1, low_open=True), "a number in (0, 1)", required=False),
 }
 CHOSEN_GROUPS = ("model", "dataset", "optim", "scheduler")  # keys differ between options
+CONFIG_GROUPS = (*CHOSEN_GROUPS, "augment", "experiment", "hparams_search")  # the folders of configs/
 OPEN_GROUPS = ("optim", "scheduler")  # any constructor argument may be added (+optim.betas=...)
 RESUMABLE = frozenset(k for k, v in KEYS.items() if v.resumable)
 
@@ -283,6 +284,21 @@ EXPORT_KEYS: dict[str, Key] = {
 _ABSENT = object()
 
 
+def _expected(group: DictConfig, name: str) -> str:
+    """What argument `name` of the group's target takes, by its default (true or false for a flag)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    try:  # (imports the target, torch with it: only when a value is already wrong)
+        default = inspect.signature(get_class(group._target_)).parameters[name].default
+    except Exception:
+        default = None
+    if isinstance(default, bool):
+        return f"true or false ({group._target_.rsplit('.', 1)[-1]}'s {name} is a flag)"
+    return "a finite number"
+
+
 def validate(cfg: DictConfig, of_stored_run: bool = False) -> None:
     """Raise ConfigError naming the first key that is unknown, missing, mistyped or out of range.
     `of_stored_run`: a resumed or evaluated run: its model.pretrained file is not needed, and its
@@ -295,7 +311,7 @@ def validate(cfg: DictConfig, of_stored_run: bool = False) -> None:
         for name, value in cfg[group].items():
             items = value if OmegaConf.is_list(value) else [value]
             if not name.startswith("_") and not all(is_number(v) or isinstance(v, bool) for v in items):
-                raise ConfigError(f"{group}.{name}={value!r} is invalid: expected a finite number")
+                raise ConfigError(f"{group}.{name}={value!r} is invalid: expected {_expected(cfg[group], name)}")
     check_model_options(cfg, of_stored_run)
     check_augment_sizes(cfg)
     if cfg.epochs == "auto" and cfg.time_budget is None and not of_stored_run:

@@ -291,3 +291,17 @@ def test_eval_rejects_bad_checkpoints(run_cli, content, message):
     elif content is not None:
         path.write_bytes(content)
     assert_one_error(run_cli("resnet-eval", "checkpoint=model.pt", timeout=60), message)
+
+
+@pytest.mark.parametrize("program, args, fragment", [
+    ("resnet-train", ["--foo"], "unknown option --foo: resnet-train takes KEY=VALUE overrides"),
+    ("resnet-eval", ["--foo", "checkpoint=run"], "unknown option --foo: resnet-eval takes KEY=VALUE overrides"),
+    ("resnet-train", ["model=[resnet20,resnet18]"], "model=[resnet20,resnet18]: one run takes one model; to run "
+                                                   "each, sweep them with -m: resnet-train -m model=resnet20,resnet18"),
+    ("resnet-train", ["optim=adam", "+optim.amsgrad=maybe"], "optim.amsgrad='maybe' is invalid: expected true or "
+                                                             "false (Adam's amsgrad is a flag)"),
+])
+def test_command_line_mistakes_hydra_would_not_name(run_cli, program, args, fragment):
+    """argparse's 9 lines of usage for an unknown option, a number asked of a flag, a list of models
+    trained as its last one: each is one line now."""
+    assert_one_error(run_cli(program, *args), fragment)
