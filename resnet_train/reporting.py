@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import custom_scalars, hparams
 from torchvision.utils import make_grid
 
-from .files import write_json
+from .files import storage_error, write_json
 
 log = logging.getLogger("resnet_train")
 
@@ -117,9 +118,9 @@ class RunReporter:
         self.settings = settings or ImageSettings([], None, None, images=False)
         if resume_step is not None:
             _after_earlier_event_files(run_dir)
-            self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1)
+            self.writer = _StorageChecked(SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1))
             return
-        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self.writer = _StorageChecked(SummaryWriter(log_dir=str(run_dir)))
         self.writer.add_text("config", "    " + config_yaml.replace("\n", "\n    "), 0)  # markdown code block
         self.writer.file_writer.add_summary(custom_scalars({
             "train vs val": {
@@ -210,6 +211,49 @@ class RunReporter:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class _StorageChecked:
+    """A SummaryWriter (or its file writer) whose failed writes are one StorageError naming its
+    event file and the room left on that file's disk. TensorBoard writes from a thread of its own,
+    which keeps the error (a full disk, a read-only folder) and raises it at the next call here; the
+    thread's own traceback is not printed (`_quiet_writer_thread`)."""
+
+    def __init__(self, target: Any):
+        self._target = target
+        _quiet_writer_thread()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name == "file_writer":
+            return _StorageChecked(attr)
+        if not callable(attr):
+            return attr
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                raise storage_error(self._event_file(), e) from None
+        return checked
+
+    def _event_file(self) -> Path:
+        writer = getattr(self._target, "file_writer", self._target)
+        return Path(writer.event_writer._file_name)  # (tensorboard's EventFileWriter names its file here)
+
+
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread re-raises a failed write after keeping it for the next call (where
+    `_StorageChecked` reports it in one line): its traceback would only repeat it, 25 lines long."""
+    if getattr(threading.excepthook, "quiet_tensorboard", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def _after_earlier_event_files(run_dir: Path) -> None:

@@ -282,6 +282,15 @@ def remount_read_only(path: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
 
 
+def test_a_disk_filled_by_tensorboard_gets_one_line_naming_its_event_file(user, tmp_path):
+    """40 KiB: TensorBoard's writer thread meets the full disk first. It used to print its own
+    25-line traceback, then "a file" and the free space of another disk."""
+    with mounted(tmp_path / "tiny", "40k") as disk:
+        result = user("resnet-train", *RUN, f"hydra.run.dir={disk}/run")
+        assert_one_error(result, f"could not write {disk}/run/events.out.tfevents.", "the disk is full (0 MiB free)")
+        assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr
+
+
 def test_a_full_disk_gets_one_line_and_keeps_the_last_checkpoint(user, tmp_path):
     with mounted(tmp_path / "small", "3m") as disk:
         result = user("resnet-train", *RUN, f"hydra.run.dir={disk}/run")
