@@ -61,6 +61,11 @@ def run_command(command: Callable[[], Any], program: str = "resnet-train", keys:
         _exit(str(hydra_error(e, program, keys)), 2)
     except KeyboardInterrupt:
         _exit("interrupted", 130)
+    except ValueError as e:  # (not a UserError: those are caught above)
+        line = sweep.all_trials_failed(e)
+        if line is None:
+            raise
+        _exit(line, 2)
     except OSError as e:  # a full disk or read-only folder met outside our own writes (Hydra's, TensorBoard's)
         if e.errno not in STORAGE_ERRNOS:
             raise

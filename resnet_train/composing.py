@@ -63,6 +63,10 @@ def hydra_error(e: Exception, program: str = "resnet-train", keys: dict[str, Key
 
 
 def _no_such_key(key: str, value: str, program: str, keys: dict[str, Key]) -> str:
+    if key.startswith("hydra.sweeper.params."):  # (its keys are dotted names Hydra cannot address)
+        swept = key.removeprefix("hydra.sweeper.params.")
+        return (f"{key}: a search space is given as a sweep of the key itself: '{swept}=tag(log, interval(0.001, "
+                f"0.5))', 'label_smoothing=interval(0, 0.2)' or '{swept}=choice(a, b)' (Optuna's sweeper syntax)")
     group = key.split(".")[0]
     if keys is KEYS and group in OPEN_GROUPS and "." in key:
         return (f"{key}={value}: the chosen {group} has no argument {key.split('.', 1)[1]}; "

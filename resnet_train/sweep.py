@@ -145,6 +145,8 @@ class SweepSummary(Callback):
         """The job's job_status.json, the rebuilt summary, and the table after the last job."""
         sweep_dir, job_dir = _sweep_dir(config), Path(config.hydra.runtime.output_dir).resolve()
         metrics = _read_json(job_dir / "metrics.json")
+        if not failed and metrics.get("best_val_accuracy") is None:  # (a search cannot rank it either)
+            failed, error = True, UserError("no epoch had a finite validation loss (the run diverged)")
         swept = [o for o in config.hydra.overrides.task if override_key(o) in info.get("swept", [])]
         write_json(job_dir / "job_status.json", {
             "job": config.hydra.job.num, "overrides": ",".join(swept) or job_dir.name,
@@ -169,14 +171,13 @@ class SweepSummary(Callback):
         rows = self._write_summary(sweep_dir, info.get("id"))
         if rows and not self.printed:
             self._print(sweep_dir, rows)
-        failed = [r for r in rows if r["status"] != "ok"]
-        if failed and info.get("jobs"):  # (Optuna has judged its failed trials: max_failure_rate)
-            first = failed[0]
-            raise Refused(UserError(f"{len(failed)} of {len(rows)} sweep jobs failed (every job ran; see the summary "
-                                    f"above); {'the first, ' if len(failed) > 1 else ''}{first['overrides']}: "
-                                    f"{first['error']}"))
+        failure = failures_line(rows, search=not info.get("jobs"))
+        if failure:
+            raise Refused(UserError(failure))
 
     def _write_summary(self, sweep_dir: Path, sweep_id: str | None) -> list[dict]:
+        global _last_summary
+        _last_summary = (sweep_dir, sweep_id)
         rows = [_read_json(p) for p in sweep_dir.glob("**/job_status.json")]
         rows = [r for r in rows if sweep_id is None or r.get("sweep") == sweep_id]
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["best_val_accuracy"] or -1), r["job"]))
@@ -200,6 +201,33 @@ class SweepSummary(Callback):
                          f"{r['best_epoch'] or ''} | {wall} | {status} |")
         shown = os.path.relpath(sweep_dir / "summary.csv")
         print(f"\nSweep summary ({shown}):\n" + "\n".join(lines), flush=True)
+
+
+_last_summary: tuple[Path, str | None] | None = None  # (sweep dir, sweep id) of the summary written last
+
+
+def failures_line(rows: list[dict], search: bool) -> str | None:
+    """The sweep's one line about its failed jobs (None: none failed). A search (Optuna) went on past
+    them -- they are failed trials in its study -- and its results come from the trials that finished."""
+    failed = [r for r in rows if r["status"] != "ok"]
+    if not failed:
+        return None
+    first = f"{'the first, ' if len(failed) > 1 else ''}{failed[0]['overrides']}: {failed[0]['error']}"
+    if not search:
+        return f"{len(failed)} of {len(rows)} sweep jobs failed (every job ran; see the summary above); {first}"
+    if len(failed) == len(rows):
+        return f"all {len(rows)} trials of the search failed (see the summary above); {first}"
+    return (f"{len(failed)} of {len(rows)} trials failed (the search ran them all; optimization_results.yaml "
+            f"holds the best of the {len(rows) - len(failed)} that finished); {first}")
+
+
+def all_trials_failed(error: Exception) -> str | None:
+    """Optuna's sweeper, asked for its best trial when none finished, raises ValueError: the line for it."""
+    if "No trials are completed yet" not in str(error) or _last_summary is None:
+        return None
+    sweep_dir, sweep_id = _last_summary
+    rows = [r for r in map(_read_json, sweep_dir.glob("**/job_status.json")) if r.get("sweep") == sweep_id]
+    return failures_line(rows, search=True) if rows else None
 
 
 def _sweep_dir(config: DictConfig) -> Path:

@@ -6,7 +6,7 @@ import io
 import textwrap
 
 import pytest
-from conftest import Runner, assert_ok, events
+from conftest import Runner, assert_ok, assert_one_error, events
 from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -175,3 +175,31 @@ def test_optuna_search(small_cifar_root, run_cli):
     assert len(rows) == 2 and all("optim.lr=" in r["overrides"] and "label_smoothing=" in r["overrides"] for r in rows)
     best = (run_cli.cwd / "optuna" / "optimization_results.yaml").read_text()
     assert f"best_value: {max(float(r['best_val_accuracy']) for r in rows)}" in best
+
+
+def test_optuna_search_goes_on_past_failed_trials(small_cifar_root, run_cli):
+    """A trial that diverges is a failed trial (Optuna's FAIL), the search runs all n_trials, writes
+    its results from the trials that finished, and says how many failed in its last line (exit 2);
+    the search space is given on the command line as the README types it."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    search = ["hparams_search=optuna", *BASE, "tensorboard.images=false", f"dataset.root={small_cifar_root}"]
+    result = run_cli("resnet-train", *search, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=mixed",
+                     "optim.lr=tag(log, interval(5e-16, 2e17))")
+    rows = list(csv.DictReader((run_cli.cwd / "mixed" / "summary.csv").open()))
+    failed = [r for r in rows if r["status"] != "ok"]
+    assert len(rows) == 3 and 0 < len(failed) < 3  # (the sampler's seed puts 2 of the 3 lrs above 100)
+    assert_search_error(result, f"{len(failed)} of 3 trials failed (the search ran them all; "
+                                f"optimization_results.yaml holds the best of the {3 - len(failed)} that finished)")
+    assert "best_value:" in (run_cli.cwd / "mixed" / "optimization_results.yaml").read_text()
+    result = run_cli("resnet-train", *search, "hydra.sweeper.n_trials=2", "hydra.sweep.dir=diverged",
+                     "optim.lr=interval(1e10, 1e12)")
+    assert_search_error(result, "all 2 trials of the search failed (see the summary above)")
+    assert "Traceback" not in result.stderr
+    assert_one_error(run_cli("resnet-train", *search, "hydra.sweeper.params.optim.lr=0.1"),
+                     "a search space is given as a sweep of the key itself: 'optim.lr=tag(log, interval(")
+
+
+def assert_search_error(result, fragment: str) -> None:
+    """Exit 2 and one `error:` line (Optuna logs its own study line on stderr beside it)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr
