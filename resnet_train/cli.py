@@ -115,6 +115,10 @@ def as_job(fn: Callable[..., Any], cfg: DictConfig, *args: Any) -> Any:
             raise Refused(e) from None
         log.error(f"error: {e}")
         raise
+    except SystemExit as e:  # a sweep job stopped by a signal (saved): the sweep ends with what ran summarized
+        if sweep.in_sweep() and e.code in (130, 143, 140) and world.from_environment().is_main:
+            sweep.record_stopped_job(int(e.code) - 128)
+        raise
     except BrokenPipeError:  # the output went to `head` or a closed pager: stop quietly, as shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None

@@ -243,7 +243,9 @@ def resume_arguments(args: list[str]) -> list[str]:
     if not given or given[-1] in ("", "null"):
         return args
     if {"-m", "--multirun"} & set(args):
-        raise ConfigError("resume= continues one run; it cannot be combined with -m")
+        if given[-1] == "auto":  # (each job of the sweep starts, continues or keeps its own run: sweep.py)
+            return args
+        raise ConfigError(f"resume={given[-1]} continues one run; a sweep is continued with resume=auto")
     if given[-1] == "auto":
         return _start_or_resume_arguments(args)
     target = Path(given[-1]).expanduser()

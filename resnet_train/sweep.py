@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -92,11 +93,14 @@ def refuse_taken_job_dirs(config: DictConfig) -> None:
     refused before any job starts: Hydra would write the new job's config over the old run's, and
     the job would log beside it. (A single run is refused the same way, by runs.claim_new_run_dir.)"""
 
+    if config.get("resume") == "auto":  # (the same sweep continued: its jobs' runs are kept or resumed)
+        return
     taken = [d for d in planned_job_dirs(config) if has_checkpoint(d)]
     if taken:
         more = f" (and {len(taken) - 1} more job dir(s))" if len(taken) > 1 else ""
         raise Refused(RunDirError(f"{os.path.relpath(taken[0])} already holds a run{more}; choose a new "
-                                  "hydra.sweep.dir so nothing there is overwritten"))
+                                  "hydra.sweep.dir so nothing there is overwritten, or continue the sweep "
+                                  "with resume=auto"))
 
 
 class SweepSummary(Callback):
@@ -196,7 +200,7 @@ class SweepSummary(Callback):
                  "|---|---:|---:|---:|---:|---|"]
         for r in rows:
             wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}s"
-            status = r["status"] if r["status"] == "ok" else f"failed: {r['error']}"
+            status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}"
             lines.append(f"| {r['overrides']} | {pct(r['best_val_accuracy'])} | {pct(r['test_accuracy'])} | "
                          f"{r['best_epoch'] or ''} | {wall} | {status} |")
         shown = os.path.relpath(sweep_dir / "summary.csv")
@@ -204,6 +208,25 @@ class SweepSummary(Callback):
 
 
 _last_summary: tuple[Path, str | None] | None = None  # (sweep dir, sweep id) of the summary written last
+
+
+def record_stopped_job(signum: int) -> None:
+    """A sweep job stopped by a signal (saved at a step boundary): its status says so and the summary
+    lists what ran, before the signal ends the sweep; `resume=auto` continues it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    config = HydraConfig.get()  # (Hydra's own config: sweep, runtime, job, overrides)
+    sweep_dir, job_dir = Path(config.sweep.dir).resolve(), Path(config.runtime.output_dir).resolve()
+    info = _read_json(sweep_dir / "sweep.json")
+    swept = [o for o in config.overrides.task if override_key(o) in info.get("swept", [])]
+    write_json(job_dir / "job_status.json", {
+        "job": config.job.num, "overrides": ",".join(swept) or job_dir.name, "status": "stopped",
+        "error": f"by {signal.Signals(signum).name}, saved; continue the sweep with resume=auto",
+        "job_dir": os.path.relpath(job_dir, sweep_dir),
+        "sweep": info.get("id"), **{k: None for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs",
+                                                       "wall_seconds")}})
+    summary = SweepSummary()
+    summary._print(sweep_dir, summary._write_summary(sweep_dir, info.get("id")))
 
 
 def failures_line(rows: list[dict], search: bool) -> str | None:

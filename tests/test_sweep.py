@@ -103,7 +103,7 @@ def test_a_failing_job_is_reported_and_the_others_still_run(small_cifar_root, ru
     assert result.returncode == 2 and "Launching" not in result.stdout
     assert result.stderr.strip().splitlines() == [
         "error: sweep/optim.lr=0.05 already holds a run (and 1 more job dir(s)); choose a new hydra.sweep.dir "
-        "so nothing there is overwritten"]
+        "so nothing there is overwritten, or continue the sweep with resume=auto"]
     assert {p.name: p.stat().st_mtime_ns for p in ok_run.rglob("*") if p.is_file()} == before
 
 
@@ -203,3 +203,33 @@ def assert_search_error(result, fragment: str) -> None:
     """Exit 2 and one `error:` line (Optuna logs its own study line on stderr beside it)."""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr
+
+
+def test_a_stopped_sweep_is_summarized_and_continued_with_resume_auto(small_cifar_root, tmp_path):
+    """SIGTERM during the second of three jobs (a cluster preempting the sweep): the job saves, the
+    sweep ends (143) with a summary of what ran; the same command with resume=auto keeps the
+    finished job, resumes the stopped one from its checkpoint and runs the third: each listed once."""
+    import signal
+
+    user = Runner(tmp_path)
+    sweep = ["-m", *BASE, "tensorboard.images=false", f"dataset.root={small_cifar_root}", "optim.lr=0.1,0.05,0.02",
+             "hydra.sweep.dir=stopped"]  # (3 steps a job: the second job's 2nd step is the 5th)
+    proc = user.popen("resnet-train", *sweep, env={"RESNET_TRAIN_PAUSE_AT": "train_step@5",
+                                                  "RESNET_TRAIN_PAUSE_SECONDS": "60"})
+    for line in proc.stdout:
+        if line.startswith("paused at"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    rows = {r["overrides"]: r["status"] for r in csv.DictReader((tmp_path / "stopped" / "summary.csv").open())}
+    assert rows == {"optim.lr=0.1": "ok", "optim.lr=0.05": "stopped"}
+    kept = (tmp_path / "stopped" / "optim.lr=0.1" / "metrics.json").read_text()
+    assert_one_error(user("resnet-train", *sweep), "already holds a run", "continue the sweep with resume=auto")
+    result = user("resnet-train", *sweep, "resume=auto")
+    assert_ok(result)
+    rows = list(csv.DictReader((tmp_path / "stopped" / "summary.csv").open()))
+    assert sorted(r["overrides"] for r in rows) == ["optim.lr=0.02", "optim.lr=0.05", "optim.lr=0.1"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert (tmp_path / "stopped" / "optim.lr=0.1" / "metrics.json").read_text() == kept  # not trained again
+    assert "Resuming from" in (tmp_path / "stopped" / "optim.lr=0.05" / "train.log").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import budget, distributed, pause, preflight, runs, world
 from ..build import build_model, describe_model, load_data, seed_everything, training_step, wrap_for_training
-from ..checkpoint import RunCheckpoints, check_classes, restore_training
+from ..checkpoint import RunCheckpoints, check_classes, load_checkpoint, restore_training
 from ..config import duration_seconds, hparam_values
 from ..data import Data, Shard
 from ..device import Precision, configure_backends, describe, use_channels_last
@@ -48,12 +49,16 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at:
         logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
     if this.is_main:
         runs.lock(run_dir)  # (already held when the CheckBeforeRun callback claimed it)
-    if (not cfg.resume and os.environ.get("SUBMITIT_EXECUTOR")
-            and distributed.decided_by_main(lambda: runs.has_checkpoint(run_dir))):
-        # A submitit job finding its own checkpoint was requeued (a sweep refuses used job dirs before it
-        # submits): it continues the run.
+    if cfg.resume == "auto" or (not cfg.resume and os.environ.get("SUBMITIT_EXECUTOR")):
+        # A sweep continued with resume=auto, or a submitit job that was requeued (a sweep refuses used
+        # job dirs before it submits): the job continues its run where it has one, else starts it.
+        found = distributed.decided_by_main(lambda: runs.has_checkpoint(run_dir))
         with open_dict(cfg):
-            cfg.resume = str(runs.checkpoint_file(run_dir))
+            cfg.resume = str(runs.checkpoint_file(run_dir)) if found else None
+        finished = _finished_metrics(run_dir) if found else None
+        if finished is not None:
+            log.info(f"{_shown(run_dir)} has finished its run: kept as it is")
+            return finished
     try:
         plan = preflight.take_plan(run_dir) or preflight.plan_run(cfg, list(overrides), this)
         # (after planning, where the first process's plan broadcast its checkpoint: before Hydra)
@@ -153,6 +158,16 @@ def _resume_command(run_dir: Path, this: world.World) -> str:
         return f"torchrun --nproc_per_node={this.world_size} -m resnet_train {resume}"
     return (f"torchrun --nnodes={nodes} --nproc_per_node={this.local_world_size} <your rendezvous options> "
             f"-m resnet_train {resume}   (on each of the {nodes} machines)")
+
+
+def _finished_metrics(run_dir: Path) -> dict | None:
+    """The final metrics of the run in `run_dir` if it finished (all epochs trained and tested), else None."""
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    if not TrainState.of_checkpoint(load_checkpoint(runs.checkpoint_file(run_dir))).tested:  # (tested: finished)
+        return None
+    return json.loads(metrics_file.read_text())
 
 
 def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn.Module]:
