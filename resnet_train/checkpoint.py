@@ -300,7 +300,7 @@ class RunCheckpoints:
         and selects them: `selected_weights`, as eval, predict and export take them)."""
         if self.writer:  # (the others receive them: no shared disk needed)
             load_model_state(self.model, selected_weights(load_checkpoint(self.path(name))), str(self.path(name)))
-        distributed.broadcast_state(unwrap(self.model))
+        distributed.broadcast_tensors(unwrap(self.model).state_dict().values())
 
 
 def first_nonfinite(model: nn.Module, optimizer: torch.optim.Optimizer, ema: WeightEMA | None = None) -> str | None:

@@ -10,7 +10,7 @@ import contextlib
 import io
 import os
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -127,12 +127,6 @@ def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(inner.module) if compiled else inner.module
 
 
-def broadcast_buffers(model: torch.nn.Module) -> None:
-    """The first process's buffers (BatchNorm statistics) on every process, as DDP's next forward
-    would make them: each process's last training forward updated its own."""
-    if active():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
 
 
 def decided_by_main(decide: Callable[[], Any]) -> Any:
@@ -155,10 +149,10 @@ def decided_by_main(decide: Callable[[], Any]) -> Any:
     return value
 
 
-def broadcast_state(module: torch.nn.Module) -> None:
-    """The first process's weights and buffers, in place, on every process."""
+def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """The first process's values of `tensors` (a model's buffers, its whole state), in place, on every process."""
     if active():
-        for tensor in module.state_dict().values():
+        for tensor in tensors:
             dist.broadcast(tensor, 0)
 
 

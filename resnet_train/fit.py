@@ -95,7 +95,7 @@ class Fit:
             if self._evaluated is None:
                 self._evaluated = distributed.without_ddp(model)
             model = self._evaluated
-        distributed.broadcast_buffers(model)
+        distributed.broadcast_tensors(model.buffers())  # (each process's last training forward updated its own)
         return model
 
     def run(self, state: TrainState, epochs: int, started_at: float | None = None) -> dict:
@@ -151,8 +151,8 @@ class Fit:
         return train
 
     def _validate(self, model: nn.Module, desc: str) -> EvalResult:
-        return evaluate(self._for_evaluation(model), self.data.val, self.step.precision, len(self.data.classes), tta=self.evaluation.tta,
-                        desc=desc, progress=self.cadence.progress)
+        return evaluate(self._for_evaluation(model), self.data.val, self.step.precision, len(self.data.classes),
+                        tta=self.evaluation.tta, desc=desc, progress=self.cadence.progress)
 
     def _end_epoch(self, state: TrainState, epoch: int, epochs: int, train: EpochResult) -> None:
         """Validate (the raw and, with one, the EMA weights), record the epoch, write last.pt and (if
@@ -210,8 +210,9 @@ class Fit:
             self.reporter.info("no epoch had a finite validation loss: there are no best weights to test")
         else:
             self.checkpoints.load_model_weights("best")
-            test = evaluate(self._for_evaluation(self.model), self.data.test, self.step.precision, len(self.data.classes),
-                            mistakes=settings.mistakes, tta=settings.tta, desc="test", progress=self.cadence.progress)
+            test = evaluate(self._for_evaluation(self.model), self.data.test, self.step.precision,
+                            len(self.data.classes), mistakes=settings.mistakes, tta=settings.tta, desc="test",
+                            progress=self.cadence.progress)
             pause.point("final_test")
             state.test = {"test_loss": test.loss, "test_accuracy": test.accuracy, "test_images": test.images,
                           "test_top5_accuracy": test.top5_accuracy}

@@ -151,15 +151,8 @@ class SweepSummary(Callback):
         metrics = _read_json(job_dir / "metrics.json")
         if not failed and metrics.get("best_val_accuracy") is None:  # (a search cannot rank it either)
             failed, error = True, UserError("no epoch had a finite validation loss (the run diverged)")
-        swept = [o for o in config.hydra.overrides.task if override_key(o) in info.get("swept", [])]
-        write_json(job_dir / "job_status.json", {
-            "job": config.hydra.job.num, "overrides": ",".join(swept) or job_dir.name,
-            "status": "failed" if failed else "ok",
-            **{k: metrics.get(k)
-               for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs", "wall_seconds")},
-            "error": (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if failed else "",
-            "job_dir": os.path.relpath(job_dir, sweep_dir), "sweep": info.get("id"),
-        })
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300] if failed else ""
+        _write_job_status(config.hydra, info, "failed" if failed else "ok", reason, metrics)
         rows = self._write_summary(sweep_dir, info.get("id"))
         if info.get("jobs") and len(rows) >= info["jobs"]:
             self._print(sweep_dir, rows)
@@ -182,8 +175,7 @@ class SweepSummary(Callback):
     def _write_summary(self, sweep_dir: Path, sweep_id: str | None) -> list[dict]:
         global _last_summary
         _last_summary = (sweep_dir, sweep_id)
-        rows = [_read_json(p) for p in sweep_dir.glob("**/job_status.json")]
-        rows = [r for r in rows if sweep_id is None or r.get("sweep") == sweep_id]
+        rows = _job_statuses(sweep_dir, sweep_id)
         rows.sort(key=lambda r: (r["status"] != "ok", -(r["best_val_accuracy"] or -1), r["job"]))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=self.COLUMNS, extrasaction="ignore")
@@ -215,18 +207,30 @@ def record_stopped_job(signum: int) -> None:
     lists what ran, before the signal ends the sweep; `resume=auto` continues it."""
     from hydra.core.hydra_config import HydraConfig
 
-    config = HydraConfig.get()  # (Hydra's own config: sweep, runtime, job, overrides)
-    sweep_dir, job_dir = Path(config.sweep.dir).resolve(), Path(config.runtime.output_dir).resolve()
-    info = _read_json(sweep_dir / "sweep.json")
-    swept = [o for o in config.overrides.task if override_key(o) in info.get("swept", [])]
-    write_json(job_dir / "job_status.json", {
-        "job": config.job.num, "overrides": ",".join(swept) or job_dir.name, "status": "stopped",
-        "error": f"by {signal.Signals(signum).name}, saved; continue the sweep with resume=auto",
-        "job_dir": os.path.relpath(job_dir, sweep_dir),
-        "sweep": info.get("id"), **{k: None for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs",
-                                                       "wall_seconds")}})
-    summary = SweepSummary()
+    hydra_cfg = HydraConfig.get()
+    info = _read_json(Path(hydra_cfg.sweep.dir) / "sweep.json")
+    _write_job_status(hydra_cfg, info, "stopped",
+                      f"by {signal.Signals(signum).name}, saved; continue the sweep with resume=auto", {})
+    summary, sweep_dir = SweepSummary(), Path(hydra_cfg.sweep.dir).resolve()
     summary._print(sweep_dir, summary._write_summary(sweep_dir, info.get("id")))
+
+
+def _write_job_status(hydra_cfg: DictConfig, info: dict, status: str, error: str, metrics: dict) -> None:
+    """<job dir>/job_status.json: the job's swept values, status (ok, failed, stopped), final metrics
+    and error, and the id of the sweep it belongs to (`hydra_cfg`: Hydra's own config of the job)."""
+    sweep_dir, job_dir = Path(hydra_cfg.sweep.dir).resolve(), Path(hydra_cfg.runtime.output_dir).resolve()
+    swept = [o for o in hydra_cfg.overrides.task if override_key(o) in info.get("swept", [])]
+    write_json(job_dir / "job_status.json", {
+        "job": hydra_cfg.job.num, "overrides": ",".join(swept) or job_dir.name, "status": status,
+        **{k: metrics.get(k) for k in ("best_val_accuracy", "test_accuracy", "best_epoch", "epochs", "wall_seconds")},
+        "error": error, "job_dir": os.path.relpath(job_dir, sweep_dir), "sweep": info.get("id"),
+    })
+
+
+def _job_statuses(sweep_dir: Path, sweep_id: str | None) -> list[dict]:
+    """The job_status.json of every job of the sweep `sweep_id` (any sweep: None) under `sweep_dir`."""
+    rows = [_read_json(p) for p in sweep_dir.glob("**/job_status.json")]
+    return [r for r in rows if sweep_id is None or r.get("sweep") == sweep_id]
 
 
 def failures_line(rows: list[dict], search: bool) -> str | None:
@@ -248,8 +252,7 @@ def all_trials_failed(error: Exception) -> str | None:
     """Optuna's sweeper, asked for its best trial when none finished, raises ValueError: the line for it."""
     if "No trials are completed yet" not in str(error) or _last_summary is None:
         return None
-    sweep_dir, sweep_id = _last_summary
-    rows = [r for r in map(_read_json, sweep_dir.glob("**/job_status.json")) if r.get("sweep") == sweep_id]
+    rows = _job_statuses(*_last_summary)
     return failures_line(rows, search=True) if rows else None
 
 

@@ -3,8 +3,9 @@ its index on its machine, as torchrun or SLURM tell it through the environment.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. SLURM (e.g. Hydra's submitit launcher, which starts
 one task per GPU with srun) sets SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID and the node
-list; submitit's local executor its SUBMITIT_LOCAL_* variables. Without either we are a single process. No torch here: the command line reads this before
-anything heavy is imported (`distributed.py` joins the process group).
+list; submitit's local executor its SUBMITIT_LOCAL_* variables. Without any we are a single
+process. No torch here: the command line reads this before anything heavy is imported
+(`distributed.py` joins the process group).
 """
 
 from __future__ import annotations

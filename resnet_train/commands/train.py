@@ -32,15 +32,11 @@ from ..sweep import swept_keys
 log = logging.getLogger("resnet_train")
 
 
-_main_run_dir = Path()  # the run dir, as the first process named it (what the others' messages show)
-
-
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at: float | None = None) -> dict:
     """Train (or continue, `cfg.resume`) the run described by `cfg` in `run_dir`; return its final
     metrics. `overrides` is the command line, against which a resumed run's config is checked;
     `started_at`, when the command started (time_budget counts from it; default: now). The run is
     planned here unless preflight.CheckBeforeRun planned it before Hydra made the run dir."""
-    global _main_run_dir
     started_at = started_at or time.time()
     this = world.from_environment()
     # (torchrun's processes joined before Hydra; SLURM's and submitit's tasks join here)
@@ -59,17 +55,18 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), started_at:
         if finished is not None:
             log.info(f"{_shown(run_dir)} has finished its run: kept as it is")
             return finished
+    shown_dir = run_dir  # (the run dir as the first process names it: the others run in scratch dirs)
     try:
         plan = preflight.take_plan(run_dir) or preflight.plan_run(cfg, list(overrides), this)
         # (after planning, where the first process's plan broadcast its checkpoint: before Hydra)
-        _main_run_dir = Path(distributed.decided_by_main(lambda: str(run_dir)))  # (the others run in scratch dirs)
+        shown_dir = Path(distributed.decided_by_main(lambda: str(run_dir)))
         metrics = _train(plan, Path(run_dir), started_at)
         distributed.barrier()  # (a process that failed at the end fails the others: its job is failed)
         return metrics
     except RuntimeError as e:
         if not distributed.is_peer_failure(e):
             raise
-        raise PeerLost(_peer_lost(e, run_dir if this.is_main else _main_run_dir, this)) from None
+        raise PeerLost(_peer_lost(e, shown_dir, this)) from None
     finally:
         runs.unlock(run_dir)
         runs.remove_scratch(run_dir)
