@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import device as devices
 from . import distributed, world
 from .checkpoint import check_model_state, load_checkpoint, load_model_state, selected_weights
-from .config import CIFAR_DATASETS, arch_of, stem_of
+from .config import CIFAR_DATASETS, IMAGE_SOURCES, arch_of, stem_of
 from .data import Augment, Batching, Data, DatasetSpec, Shard, build_data
 from .device import Precision
 from .ema import WeightEMA
@@ -46,17 +46,22 @@ def seed_everything(seed: int) -> None:
 def load_data(cfg: DictConfig, device: torch.device, shard: Shard = Shard(), **overrides: Any) -> Data:
     """The run's data on `device` (this process's `shard` of it); `overrides` replace keys of the
     dataset group (resnet-eval gives the checkpoint's normalization and classes, resnet-export a stream)."""
-    dataset = DatasetSpec(**{**OmegaConf.to_container(cfg.dataset, resolve=True), **overrides})
+    dataset = dataset_spec(cfg, **overrides)
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
     batching = Batching(cfg.batch_size, cfg.eval_batch_size or 2 * cfg.batch_size,
                         Augment(**{**augment, "crop_scale": tuple(augment["crop_scale"])}), cfg.seed, cfg.num_workers,
                         devices.use_channels_last(cfg.channels_last, device), progress=cfg.progress,
-                        processes_here=world.from_environment().local_world_size)
+                        processes_here=world.from_environment().local_world_size, sampler=cfg.sampler)
     # One process per machine downloads CIFAR, the others read its files; image folders are read
     # by every process at once.
     downloading = dataset.name in CIFAR_DATASETS and dataset.download
     with distributed.local_main_first() if downloading else contextlib.nullcontext(), _memory_for(dataset):
         return build_data(dataset, batching, device, shard, log=log.info)
+
+
+def dataset_spec(cfg: DictConfig, **overrides: Any) -> DatasetSpec:
+    """The dataset group of `cfg` (with `overrides`), as build_data takes it."""
+    return DatasetSpec(**{**OmegaConf.to_container(cfg.dataset, resolve=True), **overrides})
 
 
 @contextlib.contextmanager
@@ -70,7 +75,7 @@ def _memory_for(dataset: DatasetSpec):
         if not (killed or is_out_of_memory(e)):
             raise
         advice = ("stream it from disk with dataset.loader=stream, or lower dataset.image_size"
-                  if dataset.name == "image_folder" and dataset.loader != "stream" else
+                  if dataset.name in IMAGE_SOURCES and dataset.loader != "stream" else
                   "lower num_workers or dataset.image_size, or free memory on this machine")
         raise DataError(f"out of memory while reading {dataset.root or dataset.name} at {dataset.image_size}px"
                         f"{' (a decoding worker was killed)' if killed else ''}; {advice}") from None
@@ -174,17 +179,32 @@ def check_weights_fit(ckpt: dict, source: str) -> None:
 
 
 def training_step(cfg: DictConfig, model: torch.nn.Module, precision: Precision, steps_per_epoch: int,
-                  device: torch.device) -> OptimizerStep:
+                  device: torch.device, class_counts: list[int] | None = None) -> OptimizerStep:
     """The run's optimizer step for `model` (on `device`, before any DDP or compile wrapper: wrap it
     into `step.model` after restoring a checkpoint): optimizer and schedule, grad scaler, label
-    smoothing, accumulation, clipping, MixUp/CutMix, EMA."""
+    smoothing, class weights (`balanced` from the training split's `class_counts`), accumulation,
+    clipping, MixUp/CutMix, EMA."""
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model, steps_per_epoch, device)
     mix = cfg.mix
     mixer = Mixer(mix.mixup_alpha, mix.cutmix_alpha, mix.prob, mix.switch_prob, cfg.seed)
     ema = WeightEMA(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.decay > 0 else None
     settings = StepSettings(cfg.label_smoothing, cfg.accumulate_grad_batches, cfg.grad_clip_norm,
-                            mixer if mixer.active else None, ema)
+                            mixer if mixer.active else None, ema, class_weights(cfg, class_counts, device))
     return OptimizerStep(model, optimizer, scheduler, precision, precision.grad_scaler(), settings)
+
+
+def class_weights(cfg: DictConfig, class_counts: list[int] | None, device: torch.device) -> torch.Tensor | None:
+    """loss.class_weights as the loss's per-class weights on `device`: given, or `balanced` --
+    n / (classes x count), so a class's images weigh in inverse proportion to how many there are."""
+    given = cfg.loss.class_weights
+    if given is None:
+        return None
+    if given == "balanced":
+        counts = torch.tensor(class_counts, dtype=torch.float32).clamp(min=1)
+        return (counts.sum() / (len(counts) * counts)).to(device)
+    if class_counts is not None and len(given) != len(class_counts):
+        raise ConfigError(f"loss.class_weights has {len(given)} weights for {len(class_counts)} classes")
+    return torch.tensor(list(given), dtype=torch.float32, device=device)
 
 
 def wrap_for_training(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.nn.Module:

@@ -34,7 +34,8 @@ CONFIG_MODULE = "resnet_train.configs"
 
 # The values an enumerated key may take (the first is the default where there is one)
 CIFAR_DATASETS = ("cifar10", "cifar100")
-DATASETS = (*CIFAR_DATASETS, "image_folder")
+IMAGE_SOURCES = ("image_folder", "manifest", "hf")  # images decoded from files or rows, kept in memory or streamed
+DATASETS = (*CIFAR_DATASETS, *IMAGE_SOURCES)
 CIFAR_IMAGE_SIZE = 32  # CIFAR is stored (and augmented) at 32px, whatever size the model sees
 LOADERS = ("auto", "memory", "stream")
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, with weights
@@ -45,6 +46,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CROPS = ("pad", "resized", "none")
 POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment")
 TTA_MODES = ("none", "flip", "flip_translate")
+SAMPLERS = ("shuffle", "balanced")
 EARLY_STOPPING_METRICS = ("val_accuracy", "val_loss")
 EVAL_SPLITS = ("test", "val")
 EXPORT_FORMATS = ("onnx", "torchscript", "state_dict")
@@ -93,6 +95,10 @@ def number_in(low: float, high: float, *, low_open: bool = False, high_open: boo
 
 def positive_number(v: Any) -> bool:
     return is_number(v) and v > 0
+
+
+def text(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
 
 
 def optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -158,6 +164,10 @@ KEYS: dict[str, Key] = {
     "eval_batch_size": Key(optional(positive_int), "a positive integer or null", resumable=True),
     "seed": Key(non_negative_int, "a non-negative integer", hparam="seed"),
     "label_smoothing": Key(number_in(0, 1), "a number in [0, 1)", hparam="label_smoothing"),
+    "loss.class_weights": Key(lambda v: v in (None, "balanced") or (isinstance(v, list) and len(v) >= 2 and all(
+        is_number(x) and x > 0 for x in v)), "null, balanced or a list of positive numbers, one per class",
+        hparam="class_weights"),
+    "sampler": choice(SAMPLERS, hparam="sampler"),
     "mix.mixup_alpha": Key(number_in(0, math.inf), "a number >= 0 (0: off)", hparam="mixup_alpha"),
     "mix.cutmix_alpha": Key(number_in(0, math.inf), "a number >= 0 (0: off)", hparam="cutmix_alpha"),
     "mix.prob": Key(number_in(0, 1, high_open=False), "a number in [0, 1]"),
@@ -199,7 +209,7 @@ KEYS: dict[str, Key] = {
     "model.sync_bn": Key(boolean, YES_NO),
     # the data
     "dataset.name": choice(DATASETS, hparam="dataset"),
-    "dataset.root": Key(lambda v: isinstance(v, str) and v != "", "a directory path", resumable=True),
+    "dataset.root": Key(text, "a directory path", resumable=True, required=False),
     "dataset.download": Key(boolean, YES_NO, resumable=True),
     "dataset.image_size": Key(lambda v: is_int(v) and v >= 8, "an integer >= 8 (pixels)", hparam="image_size"),
     "dataset.normalize": Key(boolean, YES_NO),
@@ -209,7 +219,19 @@ KEYS: dict[str, Key] = {
                             "a count >= 0 or a fraction between 0 and 1"),
     "dataset.split_seed": Key(non_negative_int, "a non-negative integer"),
     "dataset.loader": choice(LOADERS, resumable=True),
-    "dataset.exif_transpose": Key(boolean, YES_NO, required=False),  # (image folders only)
+    "dataset.exif_transpose": Key(boolean, YES_NO, required=False),  # (image sources only)
+    "dataset.classes": Key(optional(lambda v: isinstance(v, list) and len(v) >= 2 and all(text(str(c)) for c in v)),
+                           "null or a list of at least two class names", required=False),
+    "dataset.train": Key(optional(text), "null or a manifest file (.csv, .tsv or .jsonl)", resumable=True,
+                         required=False),
+    "dataset.val": Key(optional(text), "null or a manifest file", resumable=True, required=False),
+    "dataset.test": Key(optional(text), "null or a manifest file", resumable=True, required=False),
+    "dataset.path_column": Key(text, "a column name", required=False),
+    "dataset.label_column": Key(text, "a column name", required=False),
+    "dataset.split_column": Key(text, "a column name", required=False),
+    "dataset.path": Key(optional(text), "a dataset folder (save_to_disk, parquet or arrow files) or a Hub name",
+                        resumable=True, required=False),
+    "dataset.image_column": Key(text, "a column name", required=False),
     # augmentation (training batches only)
     "augment.crop": choice(CROPS),
     "augment.crop_padding": Key(non_negative_int, "a non-negative integer (pixels)"),
@@ -242,10 +264,6 @@ CHOSEN_GROUPS = ("model", "dataset", "optim", "scheduler")  # keys differ betwee
 CONFIG_GROUPS = (*CHOSEN_GROUPS, "augment", "experiment", "hparams_search")  # the folders of configs/
 OPEN_GROUPS = ("optim", "scheduler")  # any constructor argument may be added (+optim.betas=...)
 RESUMABLE = frozenset(k for k, v in KEYS.items() if v.resumable)
-
-
-def text(v: Any) -> bool:
-    return isinstance(v, str) and v != ""
 
 
 def paths(v: Any) -> bool:

@@ -39,6 +39,7 @@ class StepSettings:
     grad_clip_norm: float | None = None  # clip the global gradient L2 norm (unscaled first under fp16)
     mixer: Mixer | None = None  # MixUp / CutMix
     ema: WeightEMA | None = None  # updated after every optimizer step
+    class_weights: torch.Tensor | None = None  # the loss's weight of each class (on the device)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class OptimizerStep:
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             with self.precision.autocast():
                 logits = self.model(mixed.images)
-                loss = mixed.loss(logits, settings.label_smoothing)
+                loss = mixed.loss(logits, settings.label_smoothing, settings.class_weights)
             if first:  # (after the forward pass: measured ~5% faster on the CPU than before it; the
                 # last step's gradients stay until then, for the gradient histograms)
                 self.optimizer.zero_grad(set_to_none=True)

@@ -32,8 +32,27 @@ class EvalResult:
 
     @property
     def per_class_accuracy(self) -> list[float]:
+        """Each class's share of its images predicted right (its recall)."""
         totals = self.confusion.sum(1).clamp(min=1)
         return (self.confusion.diag() / totals).tolist()
+
+    def per_class(self, classes: list[str]) -> dict[str, dict[str, float | int]]:
+        """class -> accuracy (= recall), precision, recall, F1 and support (its images). A class never
+        predicted has precision 0 (scikit-learn's zero_division=0), as one without images has recall 0."""
+        right = self.confusion.diag().float()
+        support, predicted = self.confusion.sum(1), self.confusion.sum(0)
+        recall = right / support.clamp(min=1)
+        precision = right / predicted.clamp(min=1)
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
+        return {name: {"accuracy": r, "precision": p, "recall": r, "f1": f, "support": n}
+                for name, r, p, f, n in zip(classes, recall.tolist(), precision.tolist(), f1.tolist(),
+                                            support.tolist())}
+
+    @property
+    def macro_f1(self) -> float:
+        """The mean of the classes' F1 (every class counts the same, however many images it has)."""
+        scores = [row["f1"] for row in self.per_class([str(i) for i in range(len(self.confusion))]).values()]
+        return sum(scores) / len(scores)
 
 
 @dataclass

@@ -215,7 +215,8 @@ class Fit:
                             progress=self.cadence.progress)
             pause.point("final_test")
             state.test = {"test_loss": test.loss, "test_accuracy": test.accuracy, "test_images": test.images,
-                          "test_top5_accuracy": test.top5_accuracy}
+                          "test_top5_accuracy": test.top5_accuracy, "test_macro_f1": test.macro_f1,
+                          "test_per_class": test.per_class(self.data.classes)}
             self.reporter.test(step, test)
             which = "best EMA weights" if self.step.settings.ema is not None and settings.ema_selects else "best weights"
             self.reporter.info(f"test ({which}, epoch {state.best_epoch}): loss {test.loss:.4f}  accuracy "
@@ -243,6 +244,7 @@ def metrics_so_far(state: TrainState) -> dict:
         "best_epoch": state.best_epoch,
         "best_val_accuracy": state.best_val_accuracy if state.best_val_accuracy >= 0 else None,
         "test_loss": None, "test_accuracy": None, "test_images": None, "test_top5_accuracy": None,
+        "test_macro_f1": None,
         "val_top5_accuracy": final.get("val_top5_accuracy"), "val_ema_accuracy": final.get("val_ema_accuracy"),
         "stopped_early": state.stopped_early or None,
         "images_per_second": _mean_throughput(state.history),

@@ -23,11 +23,14 @@ class Mixed:
     other: torch.Tensor  # the label of the image mixed in
     lam: float  # the share of `labels` (1.0: not mixed)
 
-    def loss(self, logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-        loss = F.cross_entropy(logits, self.labels, label_smoothing=label_smoothing)
+    def loss(self, logits: torch.Tensor, label_smoothing: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross entropy against the mix; with class `weight`s, the weighted mean (torch's: over the
+        weights of the images' labels)."""
+        loss = F.cross_entropy(logits, self.labels, weight=weight, label_smoothing=label_smoothing)
         if self.lam == 1.0:
             return loss
-        return self.lam * loss + (1 - self.lam) * F.cross_entropy(logits, self.other, label_smoothing=label_smoothing)
+        return self.lam * loss + (1 - self.lam) * F.cross_entropy(logits, self.other, weight=weight,
+                                                                  label_smoothing=label_smoothing)
 
     @property
     def dominant(self) -> torch.Tensor:

@@ -40,7 +40,7 @@ log = logging.getLogger("resnet_train")
 
 # Final metrics shown in TensorBoard's HPARAMS tab (as scalars named metrics/<key>).
 HPARAM_METRICS = ("best_val_accuracy", "test_accuracy", "test_loss", "val_accuracy", "train_loss", "train_accuracy",
-                  "test_top5_accuracy", "val_ema_accuracy")
+                  "test_top5_accuracy", "test_macro_f1", "val_ema_accuracy")
 
 
 def denormalize(images: torch.Tensor, mean: list[float] | None, std: list[float] | None) -> torch.Tensor:

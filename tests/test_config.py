@@ -36,7 +36,13 @@ def test_groups_have_the_documented_options(compose_cfg, group):
     if group in ("model", "dataset"):
         assert options(group) == sorted(IMAGENET_ARCHS + CIFAR_ARCHS if group == "model" else DATASETS)
     for name in options(group):
-        validate(compose_cfg(f"{group}={name}", "dataset.root=somewhere"))
+        validate(compose_cfg(f"{group}={name}", where_data_is(name if group == "dataset" else "cifar10")))
+
+
+def where_data_is(dataset: str) -> str:
+    """The key that says where a dataset option's images are, set to a placeholder."""
+    return {"manifest": "dataset.train=train.csv", "hf": "dataset.path=/some/where"}.get(dataset,
+                                                                                         "dataset.root=/some/where")
 
 
 @pytest.mark.parametrize("name", options("model"))
@@ -50,7 +56,7 @@ def test_model_options_instantiate(compose_cfg, name):
 
 @pytest.mark.parametrize("name", options("dataset"))
 def test_dataset_options_compose(compose_cfg, name):
-    cfg = compose_cfg(f"dataset={name}", "dataset.root=/some/where")
+    cfg = compose_cfg(f"dataset={name}", where_data_is(name))
     validate(cfg)
     assert cfg.dataset.name == name and cfg.dataset.image_size == 32
 

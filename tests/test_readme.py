@@ -130,7 +130,39 @@ def user(module_tmp) -> Runner:
     write_image_folder(runner.cwd / "pets", {"train": 48, "test": 8}, num_classes=3)
     write_image_folder(runner.cwd / "more_photos", {"x": 6}, num_classes=3)
     Image.fromarray(make_images(1)[0][0]).save(runner.cwd / "cat.png")
+    write_manifests(runner.cwd)
+    write_hf_datasets(runner.cwd)
     return runner
+
+
+def write_manifests(cwd: Path) -> None:
+    """train.csv, val.csv, test.csv and all.csv (with a split column) of the pets folder, and a
+    train.tsv with columns of other names."""
+    rows = {split: [(str(p.relative_to(cwd)), p.parent.name) for p in sorted((cwd / "pets" / split).rglob("*.*"))]
+            for split in ("train", "test")}
+    (cwd / "train.tsv").write_text("species\tfile\n" + "".join(f"{c}\t{p}\n" for p, c in rows["train"]))
+    rows["val"], rows["train"] = rows["train"][::6], [r for i, r in enumerate(rows["train"]) if i % 6]
+    for split, listed in rows.items():
+        (cwd / f"{split}.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in listed))
+    (cwd / "all.csv").write_text("path,label,split\n" + "".join(
+        f"{p},{c},{split}\n" for split, listed in rows.items() for p, c in listed))
+
+
+def write_hf_datasets(cwd: Path) -> None:
+    """A DatasetDict saved with save_to_disk (beans/) and a folder of parquet files (flowers-parquet/)."""
+    import datasets
+
+    def split(n: int, seed: int, image: str, label: str) -> datasets.Dataset:
+        images, labels = make_images(n, 3, 32, seed=seed)
+        features = datasets.Features({image: datasets.Image(), label: datasets.ClassLabel(names=["a", "b", "c"])})
+        return datasets.Dataset.from_dict({image: [Image.fromarray(i) for i in images], label: labels.tolist()},
+                                          features=features)
+    datasets.disable_progress_bars()
+    datasets.DatasetDict({"train": split(48, 0, "image", "label"), "test": split(8, 1, "image", "label")}
+                         ).save_to_disk(str(cwd / "beans"))
+    (cwd / "flowers-parquet").mkdir()
+    for name, n in (("train", 48), ("test", 8)):
+        split(n, 2, "img", "species").to_parquet(str(cwd / "flowers-parquet" / f"{name}-00000-of-00001.parquet"))
 
 
 LINES = readme_command_lines()

@@ -60,23 +60,27 @@ def evaluate_checkpoint(cfg: DictConfig, training_overrides: list[str]) -> dict:
           f"{trained.precision.name}, tta={run_cfg.tta}")
     print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.2%}"
           + (f"  top-5 accuracy {result.top5_accuracy:.2%}" if result.top5_accuracy is not None else "") + "\n")
-    print(format_per_class(data.classes, result.per_class_accuracy, result.confusion))
+    print(format_per_class(data.classes, result.per_class(data.classes), result.confusion))
     report = {"checkpoint": str(checkpoint), "split": cfg.split, "images": result.images, "tta": run_cfg.tta,
               "weights": "ema" if trained.uses_ema else "model", "loss": result.loss, "accuracy": result.accuracy,
               "top5_accuracy": result.top5_accuracy, "classes": data.classes,
-              "per_class_accuracy": dict(zip(data.classes, result.per_class_accuracy)),
+              "macro_f1": result.macro_f1, "per_class_accuracy": dict(zip(data.classes, result.per_class_accuracy)),
+              "per_class": result.per_class(data.classes),
               "confusion_matrix": result.confusion.tolist()}
     write_json(output, report)
     print(f"\nwrote {output}")
     return report
 
 
-def format_per_class(classes: list[str], accuracy: list[float], confusion: torch.Tensor) -> str:
-    """Per-class accuracy and the confusion matrix (rows: true class, columns: predicted) as text."""
+def format_per_class(classes: list[str], per_class: dict[str, dict], confusion: torch.Tensor) -> str:
+    """Per-class accuracy (= recall), precision, F1 and images, and the confusion matrix (rows: true
+    class, columns: predicted) as text."""
     width = max(5, *(len(c) for c in classes)) + 4
     cell = max(4, len(str(int(confusion.max()))) + 1)
-    lines = [f"{'class':<{width}}  accuracy"]
-    lines += [f"{f'{i:>2} {c}':<{width}}  {a:8.2%}" for i, (c, a) in enumerate(zip(classes, accuracy))]
+    lines = [f"{'class':<{width}}  accuracy  precision        F1   images"]
+    lines += [f"{f'{i:>2} {c}':<{width}}  {m['accuracy']:8.2%}  {m['precision']:9.2%}  {m['f1']:8.4f}  {m['support']:7,}"
+              for i, (c, m) in enumerate((c, per_class[c]) for c in classes)]
+    lines += ["(accuracy of a class = its recall: the share of its images predicted as it)"]
     lines += ["", "confusion matrix (rows: true class, columns: predicted class, numbered as above)"]
     lines += [" " * width + "".join(f"{j:>{cell}}" for j in range(len(classes)))]
     lines += [f"{f'{i:>2} {c}':<{width}}" + "".join(f"{int(n):>{cell}}" for n in row)

@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 from .. import export
 from ..build import TrainedModel, load_data, model_from_checkpoint
 from ..config import EXPORT_KEYS, check_values
-from ..data import decode_resized
 from ..errors import ConfigError, ExportError, UserError
 from ..files import check_writable, storage_error
 from ..runs import run_dir_of
@@ -108,8 +107,7 @@ def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
             continue
         if getattr(loader, "images", None) is not None:
             images = loader.images[:n]
-        else:  # streamed: decode the first files
-            images = torch.stack([decode_resized(path, size, trained.exif_transpose).permute(1, 2, 0)
-                                  for path, _ in loader.samples[:n]])
+        else:  # streamed: decode the first images
+            images = loader.first_images(n)
         return images.contiguous().numpy(), f"{len(images)} {name} images of the run"
     return export.random_images(n, size), f"{n} generated images (the run has no test or validation split)"

@@ -4,7 +4,6 @@ shape, parameters, trainable or frozen, and multiply-accumulates per image."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -102,7 +101,8 @@ def summary_table(args: list[str]) -> str:
 
 
 def _num_classes(cfg: DictConfig) -> int:
-    from ..data import scan_image_folder
+    from ..build import dataset_spec
+    from ..data import class_names
 
     known = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset.name)
-    return known or len(scan_image_folder(Path(cfg.dataset.root).expanduser() / "train", log=lambda line: None).classes)
+    return known or len(class_names(dataset_spec(cfg)))

@@ -85,7 +85,8 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
     data, model = _data_and_model(plan, run_dir)
     if cfg.epochs == "auto":
         cfg.epochs = _epochs_for_budget(cfg, model, data, precision, device, started_at)
-    step = training_step(cfg, model, precision, len(data.train) // cfg.accumulate_grad_batches, device)
+    step = training_step(cfg, model, precision, len(data.train) // cfg.accumulate_grad_batches, device,
+                         data.class_counts)
     if step.scaler.is_enabled() and not any(group.get("fused") for group in step.optimizer.param_groups):
         log.info(f"Note: fp16 with {type(step.optimizer).__name__}, which has no fused kernel: the GradScaler checks "
                  "the gradients for inf on the host, one GPU sync a step (fused optimizers and bf16 have none)")
@@ -202,7 +203,7 @@ def _epochs_for_budget(cfg: DictConfig, model: torch.nn.Module, data: Data, prec
     seconds = duration_seconds(cfg.time_budget)
     twin = copy.deepcopy(model)  # (the run's own model is not touched)
     step = training_step(OmegaConf.merge(cfg, {"epochs": 1}), twin, precision,
-                         max(len(data.train) // cfg.accumulate_grad_batches, 1), device)
+                         max(len(data.train) // cfg.accumulate_grad_batches, 1), device, data.class_counts)
     step.model = wrap_for_training(twin, OmegaConf.merge(cfg, {"compile": False}), device)  # (compiling a copy
     timing = budget.measure(step, twin, data, cfg.tta)                                      # would cost it twice)
     elapsed = time.time() - started_at

@@ -1,13 +1,15 @@
 """Datasets -> batches on the training device.
 
-Two ways in, one way out. Data that fits (CIFAR-10/100, image folders decoded once at
-`image_size`) lives on the device as one uint8 NHWC tensor (`MemoryLoader`); bigger image folders
-are decoded by DataLoader workers (`StreamLoader`). Either way each batch reaches the device as
+Two ways in, one way out. Data that fits (CIFAR-10/100; image folders, manifests and Hugging Face
+datasets decoded once at `image_size`) lives on the device as one uint8 NHWC tensor
+(`MemoryLoader`); bigger ones are decoded by DataLoader workers (`StreamLoader`). Either way each batch reaches the device as
 uint8 and is augmented, resized and normalized there, per batch, from a generator seeded by
 (seed, epoch): the same seed gives the same batches.
 
-    sources.py     CIFAR and image files on disk -> uint8 tensors; splits; statistics
+    sources.py     CIFAR, and images (files, URLs, rows) -> uint8 tensors; splits; statistics
     folders.py     an image folder's tree -> (file, class) samples, links and odd files handled
+    manifest.py    CSV / TSV / JSON Lines lists -> (path or URL, class) samples
+    hf.py          Hugging Face datasets -> (row, class) samples and the reader of their images
     storage.py     whether decoded images are held in memory or streamed
     loaders.py     batches of a split, in a seeded order, sharded over processes
     transforms.py  the per-batch augmentation and normalization on the device
@@ -16,20 +18,22 @@ uint8 and is augmented, resized and normalized there, per batch, from a generato
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from .. import distributed
-from ..config import DATASETS, stored_image_size
+from ..config import DATASETS, IMAGE_SOURCES, stored_image_size
 from ..errors import DataError
 from .folders import scan_image_folder
-from .loaders import Loader, MemoryLoader, Shard, StreamLoader, epoch_generator
+from .manifest import Columns, read_manifests
+from .loaders import Loader, MemoryLoader, Shard, StreamLoader, balanced_weights, epoch_generator
 from .sources import (
     CIFAR,
     DecodedFiles,
+    Listing,
     Split,
     channel_stats,
     check_readable,
@@ -43,8 +47,9 @@ from .storage import plan_storage
 from .transforms import Augment, BatchTransform, crop_flip, draw_augmentation
 
 __all__ = ["Augment", "Batching", "BatchTransform", "CIFAR", "Data", "DataError", "DatasetSpec", "Loader", "MemoryLoader",
-           "Shard", "StreamLoader", "build_data", "channel_stats", "crop_flip", "decode_all", "decode_resized", "draw_augmentation",
-           "epoch_generator", "load_cifar", "plan_storage", "scan_image_folder", "stratified_split"]
+           "Shard", "StreamLoader", "build_data", "channel_stats", "class_names", "crop_flip", "decode_all",
+           "decode_resized", "draw_augmentation", "epoch_generator", "load_cifar", "plan_storage", "scan_image_folder",
+           "stratified_split"]
 
 # --------------------------------------------------------------------------------------------
 # Config values → loaders
@@ -63,6 +68,7 @@ class Data:
     stored_size: int  # what images are decoded to (CIFAR: 32, then resized per batch to image_size)
     val_source: str  # where validation images come from, for the log
     storage: str  # "memory" or "stream"
+    class_counts: list[int] | None = None  # training images of each class
 
 
 def resolve_val_size(val_size: int | float, n_train: int) -> int:
@@ -77,7 +83,7 @@ class DatasetSpec:
     """Which images, and how they are prepared: the `dataset` config group."""
 
     name: str  # one of config.DATASETS
-    root: str
+    root: str = ""  # CIFAR's and an image folder's
     image_size: int = 32  # what the model sees
     mean: Sequence[float] | None = None  # None (with normalize): computed from the training images
     std: Sequence[float] | None = None
@@ -87,8 +93,19 @@ class DatasetSpec:
     download: bool = False
     loader: str = "memory"  # memory | stream | auto (memory when it fits)
     exif_transpose: bool = True  # image files turned upright as their EXIF orientation says
-    # Given by resnet-eval and resnet-export, not the config: what a trained model already knows.
-    classes: Sequence[str] | None = None  # the model's classes (None: the train/ folder's)
+    # manifests: a CSV/TSV/JSON Lines file per split (or one, with a split column) and its columns
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    path_column: str = "path"
+    label_column: str = "label"  # (also a Hugging Face dataset's)
+    split_column: str = "split"
+    # Hugging Face datasets: saved with save_to_disk, or a folder of parquet/arrow files (or a Hub name)
+    path: str | None = None
+    image_column: str = "image"
+    # The class names in order (None: the training split's, sorted); resnet-eval and resnet-export give the model's.
+    classes: Sequence[str] | None = None
+    # Given by the commands, not the config
     splits: Sequence[str] = ("train", "val", "test")  # the splits a command reads
 
 
@@ -104,30 +121,32 @@ class Batching:
     channels_last: bool = True
     progress: bool | None = False  # progress bars while decoding and checking files (None: on a terminal)
     processes_here: int = 1  # training processes on this machine, each with its own in-memory copy
+    sampler: str = "shuffle"  # shuffle: each training image once an epoch; balanced: each class equally often
 
 
 def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, shard: Shard = Shard(),
                log=print) -> Data:
     """Read the dataset, split off validation images and wrap each split in a loader. With a
     `shard`, `batching.batch_size` is the global batch: each of the shard's processes gets an equal part."""
-    root = Path(dataset.root).expanduser()
     stored_size = stored_image_size(dataset.name, dataset.image_size)
     if dataset.name in CIFAR:
-        train, test, classes = load_cifar(dataset.name, root, dataset.download)
-        val, storage = None, "memory"
-    elif dataset.name == "image_folder":
-        root = root.resolve()
-        train, val, test, classes, storage = _read_image_folder(root, dataset, batching, device, log)
+        train, test, classes = load_cifar(dataset.name, Path(dataset.root).expanduser(), dataset.download)
+        val, storage, separate_val = None, "memory", ""
+    elif dataset.name in IMAGE_SOURCES:
+        listing = _list_images(dataset, log)
+        train, val, test, storage = _image_splits(listing, dataset, batching, device, log)
+        classes, separate_val = listing.classes, listing.val_where
     else:
         raise DataError(f"dataset.name={dataset.name!r} is not one of {', '.join(DATASETS)}")
-    train, val, val_source = _validation_split(train, val, test, dataset.val_size, dataset.split_seed, root)
+    train, val, val_source = _validation_split(train, val, test, dataset.val_size, dataset.split_seed, separate_val)
     if "train" not in dataset.splits:
         train = None  # (read only to hold the validation images out of it)
-    if storage == "memory" and dataset.name == "image_folder":
+    if storage == "memory" and dataset.name in IMAGE_SOURCES:
         train, val, test = _decoded((train, val, test), dataset, batching)
     if train is not None and batching.batch_size > len(train):
         raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({len(train):,} images)")
     mean, std = _normalization(dataset, train, batching, log)
+    balanced = batching.sampler == "balanced"
 
     def make(split: Split | None, train_mode: bool) -> Loader | None:
         if split is None:
@@ -136,18 +155,20 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
                                    dataset.image_size if dataset.image_size != stored_size else None,
                                    batching.channels_last)
         per_process = (batching.batch_size if train_mode else batching.eval_batch_size) // shard.world_size or 1
+        weights = balanced_weights(split.labels) if train_mode and balanced else None
         if storage == "memory":
             return MemoryLoader(split.images.to(device), split.labels.to(device), per_process, transform, train_mode,
-                                batching.seed, shard)
-        files = DecodedFiles(split.samples, dataset.image_size, dataset.exif_transpose)
+                                batching.seed, shard, weights)
+        files = DecodedFiles(split.samples, dataset.image_size, dataset.exif_transpose, split.reader)
         return StreamLoader(files, per_process, transform, train_mode, device, batching.seed, batching.num_workers,
-                            shard)
+                            shard, weights)
 
     test_loader = make(test, False)
     val_loader = test_loader if val is test else make(val, False)
     train_loader = make(train, True)
+    counts = train.labels.bincount(minlength=len(classes)).tolist() if train is not None else None
     return Data(train_loader, val_loader, test_loader, classes, mean, std, dataset.image_size, stored_size,
-                val_source, storage)
+                val_source, storage, counts)
 
 
 def _normalization(dataset: DatasetSpec, train: Split | None, batching: Batching,
@@ -165,46 +186,78 @@ def _normalization(dataset: DatasetSpec, train: Split | None, batching: Batching
     return list(mean), list(std)
 
 
-def _read_image_folder(root: Path, dataset: DatasetSpec, batching: Batching, device: torch.device,
-                       log) -> tuple[Split | None, Split | None, Split | None, list[str], str]:
-    """root/train, root/val and root/test (those present and needed) as file lists, and where they
-    will be kept (`dataset.loader`; auto: decoded into memory when they fit, else streamed)."""
-    scans = _scan_splits(root, dataset, log)
-    classes = list(dataset.classes) if dataset.classes is not None else scans["train"].classes
-    total = sum(len(scan.samples) for scan in scans.values())
+def class_names(dataset: DatasetSpec) -> list[str]:
+    """An image source's class names, from its training split (nothing decoded)."""
+    if dataset.classes is not None:
+        return [str(c) for c in dataset.classes]
+    return _list_images(replace(dataset, splits=("train",)), log=lambda line: None).classes
+
+
+def _list_images(dataset: DatasetSpec, log) -> Listing:
+    """The splits a command needs (train when it trains, defines the classes or holds validation
+    images out of it; val and test when read -- test also stands in for val) of an image source."""
+    splits = set(dataset.splits)
+    if dataset.name == "manifest":
+        return _list_manifests(dataset, splits)
+    if dataset.name == "hf":
+        from .hf import list_hf_dataset  # (imports `datasets` only when asked for)
+        return list_hf_dataset(dataset, splits)
+    return _list_image_folder(Path(dataset.root).expanduser().resolve(), dataset, splits, log)
+
+
+def _list_manifests(dataset: DatasetSpec, splits: set[str]) -> Listing:
+    if "val" in splits and not dataset.val:  # (validation held out of train, or the test split)
+        splits |= {"test"} if dataset.val_size == 0 else {"train"}
+    files = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
+    found = read_manifests(files, Columns(dataset.path_column, dataset.label_column, dataset.split_column),
+                           dataset.classes, splits)
+    samples = {name: rows for name, rows in found.samples.items() if rows}
+    if set(dataset.splits) == {"test"} and "test" not in samples:  # (resnet-eval split=test)
+        raise DataError(f"{found.files.get('test') or dataset.train} lists no test images: there is no test split "
+                        "to evaluate (split=val evaluates the validation images)")
+    val_where = f"the val rows of {found.files['val']} ({len(samples['val']):,} images)" if "val" in samples else ""
+    return Listing(samples, found.classes, str(found.files.get("train") or found.files.get("test")), val_where)
+
+
+def _image_splits(listing: Listing, dataset: DatasetSpec, batching: Batching, device: torch.device,
+                  log) -> tuple[Split | None, Split | None, Split | None, str]:
+    """train, val and test (those listed) as samples, and where they will be kept (`dataset.loader`;
+    auto: decoded into memory when they fit, else streamed)."""
+    total = sum(len(samples) for samples in listing.samples.values())
     plan = plan_storage(total, dataset.image_size, dataset.loader, device, batching.processes_here,
                         batching.num_workers)
     # Every process of a run takes the same path: memory and stream shuffle from different generators,
     # and the processes' slices of each global batch must come from one order.
     storage = "stream" if "stream" in distributed.gather_objects(plan.storage) else plan.storage
-    log(f"{root}: {plan.line}" + ("; streamed, as another process of the run must" if storage != plan.storage else ""))
+    log(f"{listing.where}: {plan.line}" + ("; streamed, as another process of the run must" if storage != plan.storage
+                                           else ""))
     if storage == "stream" and "train" in dataset.splits:
-        check_readable([path for scan in scans.values() for path, _ in scan.samples], batching.num_workers,
-                       batching.progress)
+        check_readable([ref for samples in listing.samples.values() for ref, _ in samples], batching.num_workers,
+                       batching.progress, listing.reader)
 
     def split(name: str) -> Split | None:
-        if name not in scans:
+        if name not in listing.samples:
             return None
-        samples = scans[name].samples
-        return Split(torch.tensor([label for _, label in samples]), samples=samples)
-    return split("train"), split("val"), split("test"), classes, storage
+        samples = listing.samples[name]
+        return Split(torch.tensor([label for _, label in samples]), samples=samples, reader=listing.reader)
+    return split("train"), split("val"), split("test"), storage
 
 
 def _decoded(splits: tuple[Split | None, ...], dataset: DatasetSpec, batching: Batching) -> list[Split | None]:
-    """The splits' files decoded into memory, once each (validation may be the test split), after the
+    """The splits' images decoded into memory, once each (validation may be the test split), after the
     validation images were held out: holding them out of decoded images would copy them all."""
     decoded: dict[int, Split] = {}
     for split in splits:
         if split is not None and id(split) not in decoded:
             decoded[id(split)] = Split(split.labels, images=decode_all(
-                split.samples, dataset.image_size, batching.num_workers, dataset.exif_transpose, batching.progress))
+                split.samples, dataset.image_size, batching.num_workers, dataset.exif_transpose, batching.progress,
+                split.reader))
     return [None if split is None else decoded[id(split)] for split in splits]
 
 
-def _scan_splits(root: Path, dataset: DatasetSpec, log) -> dict:
-    """The folders of the splits a command needs: train/ when it trains, defines the classes or
-    holds the validation images out; val/ and test/ when read (test/ also stands in for val)."""
-    splits, known = set(dataset.splits), dataset.classes
+def _list_image_folder(root: Path, dataset: DatasetSpec, splits: set[str], log) -> Listing:
+    """root/train, root/val and root/test, those a command needs."""
+    known = dataset.classes
     if splits == {"test"} and not (root / "test").is_dir():  # (resnet-eval split=test: before anything is read)
         raise DataError(f"{root / 'test'} does not exist: there is no test split to evaluate "
                         "(split=val evaluates the validation images)")
@@ -224,15 +277,18 @@ def _scan_splits(root: Path, dataset: DatasetSpec, log) -> dict:
             if shared:
                 log(f"warning: {len(shared):,} files of {root / name} are also in {root / 'train'} (the same "
                     f"files, through links): accuracy on {name}/ overstates what the model learned")
-    return scans
+    classes = list(known) if known is not None else scans["train"].classes
+    val_where = f"{root / 'val'} ({len(scans['val'].samples):,} images)" if "val" in scans else ""
+    return Listing({name: scan.samples for name, scan in scans.items()}, classes, str(root), val_where)
 
 
 def _validation_split(train: Split | None, val: Split | None, test: Split | None, val_size: int | float,
-                      split_seed: int, root: Path) -> tuple[Split | None, Split | None, str]:
-    """(train, val, where validation comes from): a val/ folder as it is; val_size=0 validates on the
-    test split; otherwise val_size images held out from training, stratified by class."""
+                      split_seed: int, val_where: str) -> tuple[Split | None, Split | None, str]:
+    """(train, val, where validation comes from): a val split of its own (`val_where`) as it is;
+    val_size=0 validates on the test split; otherwise val_size images held out from training,
+    stratified by class."""
     if val is not None:
-        return train, val, f"{root / 'val'} ({len(val):,} images)"
+        return train, val, val_where
     if val_size == 0:
         return train, test, ("the test split (dataset.val_size=0: training on every training image)"
                              if test is not None else "none")
@@ -254,7 +310,7 @@ def _channel_stats_of(train: Split, dataset: DatasetSpec, batching: Batching) ->
         return channel_stats(train.images)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(dataset.split_seed))[:STATS_IMAGES]
     chunks = decoded_chunks([train.samples[i] for i in pick.tolist()], dataset.image_size, batching.num_workers,
-                            dataset.exif_transpose, batching.progress)
+                            dataset.exif_transpose, batching.progress, train.reader)
     return channel_stats(chunks)
 
 

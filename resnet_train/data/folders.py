@@ -95,18 +95,20 @@ def scan_image_folder(folder: Path, class_to_idx: dict[str, int] | None = None, 
         raise DataError(f"no images in the class folders of {folder} (looked for the formats Pillow opens: "
                         f"{', '.join(sorted(image_extensions())[:12])}, ...)")
     if class_to_idx is None:
-        _check_classes(folder, classes, Counter(label for _, label in samples))
+        check_training_classes(classes, samples, str(folder), lambda name, n: (
+            f"class folder {folder / name} has no images ({n} empty in all); add images or remove the folder"))
     return FolderScan(samples, classes, set(walk.files))
 
 
-def _check_classes(folder: Path, classes: list[str], counts: Counter) -> None:
-    """The split that defines the classes: each needs images, and a classifier two classes at least."""
-    empty = [c for i, c in enumerate(classes) if not counts[i]]
-    if empty:
-        raise DataError(f"class folder {folder / empty[0]} has no images ({len(empty)} empty in all); "
-                        "add images or remove the folder")
+def check_training_classes(classes: list[str], samples: list[tuple[object, int]], source: str, empty) -> None:
+    """The split that defines the classes (of any source): each needs images (`empty(first class
+    without, how many)` says what is wrong), and a classifier two classes at least."""
+    counts = Counter(label for _, label in samples)
+    missing = [c for i, c in enumerate(classes) if not counts[i]]
+    if missing:
+        raise DataError(empty(missing[0], len(missing)))
     if len(classes) < 2:
-        raise DataError(f"{folder} has one class ({classes[0]}); a classifier needs at least two class folders")
+        raise DataError(f"{source} has one class ({classes[0]}); a classifier needs at least two")
 
 
 def _class_folders(folder: Path, walk: _Walk) -> dict[str, Path]:

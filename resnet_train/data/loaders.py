@@ -38,13 +38,29 @@ class Shard:
         return math.ceil(len(self.eval_indices(n)) / batch_size)
 
 
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Each image's chance to be drawn so that every class is drawn equally often (1 / its class's size)."""
+    return 1.0 / labels.bincount()[labels].float()
+
+
+def epoch_order(n: int, generator: torch.Generator, device: torch.device,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The indices of an epoch's n draws: a permutation (each image once), or with `weights` n draws
+    with replacement in proportion to them (the class-balanced sampler: rare classes repeat)."""
+    if weights is None:
+        return torch.randperm(n, generator=generator, device=device)
+    return torch.multinomial(weights.to(device), n, replacement=True, generator=generator)
+
+
 class MemoryLoader:
     """Batches sliced from uint8 NHWC images held on the training device. `batch_size` is per
-    process; with a `shard` the epoch's order and augmentation are those of the global batch."""
+    process; with a `shard` the epoch's order and augmentation are those of the global batch;
+    with `weights` images are drawn in proportion to them (`epoch_order`)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform: BatchTransform,
-                 train: bool, seed: int = 0, shard: Shard = Shard()):
+                 train: bool, seed: int = 0, shard: Shard = Shard(), weights: torch.Tensor | None = None):
         self.images, self.labels = images, labels
+        self.weights = None if weights is None else weights.to(images.device)
         self.batch_size, self.transform, self.train, self.seed, self.shard = batch_size, transform, train, seed, shard
         self.epoch, self.skip = 0, 0
         self.eval_order = None if train else torch.tensor(shard.eval_indices(len(labels)), device=images.device)
@@ -72,7 +88,7 @@ class MemoryLoader:
         global_batch = self.batch_size * self.shard.world_size
         mine = self.shard.batch_slice(self.batch_size)
         g = epoch_generator(self.seed, self.epoch, device)
-        order = torch.randperm(len(self.labels), generator=g, device=device)
+        order = epoch_order(len(self.labels), g, device, self.weights)
         for _ in range(self.skip):
             self.transform.skip(global_batch, self.images.shape[1], g)
         for i in range(self.skip, len(self)):
@@ -84,8 +100,10 @@ class _EpochSampler(torch.utils.data.Sampler):
     """This process's indices of one epoch: for training its slice of each global batch of a
     permutation seeded by (seed, epoch), from global batch `start` on; for evaluation its shard."""
 
-    def __init__(self, n: int, seed: int, train: bool, batch_size: int, shard: Shard):
+    def __init__(self, n: int, seed: int, train: bool, batch_size: int, shard: Shard,
+                 weights: torch.Tensor | None = None):
         self.n, self.seed, self.train, self.batch_size, self.shard = n, seed, train, batch_size, shard
+        self.weights = weights
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
@@ -96,7 +114,8 @@ class _EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         if not self.train:
             return iter(self.shard.eval_indices(self.n))
-        order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu")))
+        cpu = torch.device("cpu")
+        order = epoch_order(self.n, epoch_generator(self.seed, self.epoch, cpu), cpu, self.weights)
         global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
         batches = order[:self.n // global_batch * global_batch].view(-1, global_batch)[self.start:, mine]
         return iter(batches.reshape(-1).tolist())
@@ -106,11 +125,12 @@ class StreamLoader:
     """Image files decoded by DataLoader workers; augmentation still runs per batch on the device."""
 
     def __init__(self, files: DecodedFiles, batch_size: int, transform: BatchTransform, train: bool,
-                 device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard()):
+                 device: torch.device, seed: int = 0, num_workers: int = 2, shard: Shard = Shard(),
+                 weights: torch.Tensor | None = None):
         self.transform, self.train, self.device, self.seed, self.shard = transform, train, device, seed, shard
         self.batch_size, self.epoch, self.skip, self.image_size = batch_size, 0, 0, files.size
-        self.samples = files.samples
-        self.sampler = _EpochSampler(len(files), seed, train, batch_size, shard)
+        self.files = files
+        self.sampler = _EpochSampler(len(files), seed, train, batch_size, shard, weights)
         # The loader's own generator: its iterators draw their workers' base seed from it, not from
         # the global RNG, which a resumed run restores and dropout draws from.
         self.loader = torch.utils.data.DataLoader(
@@ -123,6 +143,10 @@ class StreamLoader:
     def __len__(self) -> int:
         """Batches in a whole epoch (also when this one starts after `skip` batches)."""
         return self.shard.num_batches(self.num_images, self.batch_size, self.train)
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """The split's first `n` images, decoded (uint8 NHWC, on the CPU), in the split's order."""
+        return torch.stack([self.files[i][0] for i in range(min(n, len(self.files)))])
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Order and augmentation of `epoch`; start after its first `skip` batches (mid-epoch resume)."""

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -22,11 +23,13 @@ from .workers import from_workers, worker_init
 
 @dataclass
 class Split:
-    """Images of one split: decoded (`images`, uint8 NHWC) or as file paths (`samples`)."""
+    """Images of one split: decoded (`images`, uint8 NHWC) or as samples `reader` opens (file paths,
+    URLs, a dataset's rows)."""
 
     labels: torch.Tensor
     images: torch.Tensor | None = None
-    samples: list[tuple[str, int]] | None = None
+    samples: list[tuple[Any, int]] | None = None  # (what `reader` opens: a path, a URL, a row; class index)
+    reader: Any = None  # opens the samples' images (None: FILES)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -34,7 +37,18 @@ class Split:
     def subset(self, idx: torch.Tensor) -> Split:
         return Split(self.labels[idx],
                      None if self.images is None else self.images[idx],
-                     None if self.samples is None else [self.samples[i] for i in idx.tolist()])
+                     None if self.samples is None else [self.samples[i] for i in idx.tolist()], self.reader)
+
+
+@dataclass
+class Listing:
+    """The images of a source's splits, before any is decoded: (what `reader` opens, class index)."""
+
+    samples: dict[str, list[tuple[Any, int]]]  # split -> samples, for the splits read
+    classes: list[str]
+    where: str  # the source, as the log names it
+    val_where: str = ""  # a validation split of its own, as the log names it ("": none)
+    reader: Any = None  # opens a sample's image (None: files and URLs)
 
 
 CIFAR = {"cifar10": (datasets.CIFAR10, "CIFAR-10"), "cifar100": (datasets.CIFAR100, "CIFAR-100")}
@@ -87,17 +101,41 @@ def _cifar_help(cls, title: str, root: Path, folder: Path, why: str) -> str:
             f"giving {folder}/), or point dataset.root at a folder that contains {cls.base_folder}/")
 
 
-def decode_resized(path: str, size: int, exif_transpose: bool = True) -> torch.Tensor:
-    """Decode one image file as RGB uint8 CHW, shorter side resized to `size`, center-cropped square;
-    turned upright first as its EXIF orientation says (phone photos are stored sideways)."""
+class Files:
+    """Opens images named by a path, or by a URL fsspec opens (s3://, gs://, https://, file://)."""
+
+    def open(self, ref: str) -> contextlib.AbstractContextManager[Image.Image]:
+        return _opened_url(ref) if "://" in ref else Image.open(ref)
+
+    def name(self, ref: str) -> str:
+        return ref
+
+
+FILES = Files()
+
+
+@contextlib.contextmanager
+def _opened_url(url: str) -> Iterator[Image.Image]:
     try:
-        with Image.open(path) as im:
+        import fsspec
+    except ImportError:
+        raise DataError(f"{url}: reading images from URLs needs fsspec: pip install fsspec") from None
+    with fsspec.open(url, "rb") as f, Image.open(f) as im:
+        yield im
+
+
+def decode_resized(ref: Any, size: int, exif_transpose: bool = True, reader: Any = FILES) -> torch.Tensor:
+    """Decode one image (a file's path, or what `reader` opens) as RGB uint8 CHW, shorter side
+    resized to `size`, center-cropped square; turned upright first as its EXIF orientation says
+    (phone photos are stored sideways)."""
+    try:
+        with reader.open(ref) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
-            img = TF.pil_to_tensor(_as_8bit_rgb(_upright(im) if exif_transpose else im, path))
+            img = TF.pil_to_tensor(_as_8bit_rgb(_upright(im) if exif_transpose else im, reader.name(ref)))
     except (DataError, MemoryError):
         raise
     except Exception as e:
-        raise DataError(f"could not read image {path}: {e}") from None
+        raise DataError(f"could not read image {reader.name(ref)}: {e}") from None
     if img.shape[-2:] != (size, size):
         img = TF.center_crop(TF.resize(img, size, antialias=True), size)
     return img
@@ -129,15 +167,15 @@ def _as_8bit_rgb(im: Image.Image, path: str) -> Image.Image:
 class DecodedFiles(torch.utils.data.Dataset):
     """Files → uint8 HWC tensors at `size` x `size` (shorter side resized, then center-cropped)."""
 
-    def __init__(self, samples: list[tuple[str, int]], size: int, exif_transpose: bool = True):
-        self.samples, self.size, self.exif_transpose = samples, size, exif_transpose
+    def __init__(self, samples: list[tuple[Any, int]], size: int, exif_transpose: bool = True, reader: Any = None):
+        self.samples, self.size, self.exif_transpose, self.reader = samples, size, exif_transpose, reader or FILES
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        return decode_resized(path, self.size, self.exif_transpose).permute(1, 2, 0), label
+        ref, label = self.samples[i]
+        return decode_resized(ref, self.size, self.exif_transpose, self.reader).permute(1, 2, 0), label
 
 
 CHUNK_BYTES = 32 * 1024 ** 2  # decoded images handled at a time: decoding batches, statistics chunks
@@ -150,10 +188,10 @@ def images_per_chunk(bytes_per_image: int, chunk_bytes: int = CHUNK_BYTES) -> in
     return max(1, chunk_bytes // bytes_per_image)
 
 
-def decoded_chunks(samples: list[tuple[str, int]], size: int, num_workers: int, exif_transpose: bool = True,
-                   progress: bool | None = False) -> Iterator[torch.Tensor]:
-    """The files decoded in order, in parallel, as uint8 NHWC chunks of a few tens of MB."""
-    loader = torch.utils.data.DataLoader(DecodedFiles(samples, size, exif_transpose),
+def decoded_chunks(samples: list[tuple[Any, int]], size: int, num_workers: int, exif_transpose: bool = True,
+                   progress: bool | None = False, reader: Any = None) -> Iterator[torch.Tensor]:
+    """The images decoded in order, in parallel, as uint8 NHWC chunks of a few tens of MB."""
+    loader = torch.utils.data.DataLoader(DecodedFiles(samples, size, exif_transpose, reader),
                                          batch_size=min(DECODE_BATCH, images_per_chunk(size * size * 3)),
                                          num_workers=num_workers,
                                          worker_init_fn=worker_init())
@@ -163,34 +201,34 @@ def decoded_chunks(samples: list[tuple[str, int]], size: int, num_workers: int, 
             yield images
 
 
-def decode_all(samples: list[tuple[str, int]], size: int, num_workers: int, exif_transpose: bool = True,
-               progress: bool | None = False) -> torch.Tensor:
-    """Decode every file once into one uint8 NHWC tensor, the only full-size copy."""
+def decode_all(samples: list[tuple[Any, int]], size: int, num_workers: int, exif_transpose: bool = True,
+               progress: bool | None = False, reader: Any = None) -> torch.Tensor:
+    """Decode every image once into one uint8 NHWC tensor, the only full-size copy."""
     out = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
     i = 0
-    for images in decoded_chunks(samples, size, num_workers, exif_transpose, progress):
+    for images in decoded_chunks(samples, size, num_workers, exif_transpose, progress, reader):
         out[i:i + len(images)] = images
         i += len(images)
     return out
 
 
 class _Header(torch.utils.data.Dataset):
-    """Opens a file and reads its header (format, size, mode): None when it can be decoded, else why not."""
+    """Opens an image and reads its header (format, size, mode): None when it can be decoded, else why not."""
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+    def __init__(self, refs: list[Any], reader: Any):
+        self.refs, self.reader = refs, reader
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.refs)
 
     def __getitem__(self, i: int) -> str | None:
-        path = self.paths[i]
+        ref = self.refs[i]
         try:
-            with Image.open(path) as im:
+            with self.reader.open(ref) as im:
                 if im.mode == "F" or min(im.size) < 1:
-                    return f"{path} ({'floating-point pixels' if im.mode == 'F' else 'an empty image'})"
+                    return f"{self.reader.name(ref)} ({'floating-point pixels' if im.mode == 'F' else 'an empty image'})"
         except Exception as e:
-            return f"{path} ({e})"
+            return f"{self.reader.name(ref)} ({e})"
         return None
 
 
@@ -198,13 +236,13 @@ def _count_and_problems(batch: list[str | None]) -> tuple[int, list[str]]:
     return len(batch), [p for p in batch if p]
 
 
-def check_readable(paths: list[str], num_workers: int, progress: bool | None = False) -> None:
-    """Read every file's header (in parallel) so a broken file stops a streamed run before training,
+def check_readable(refs: list[Any], num_workers: int, progress: bool | None = False, reader: Any = None) -> None:
+    """Read every image's header (in parallel) so a broken file stops a streamed run before training,
     not when an epoch, or the final test, reaches it."""
-    loader = torch.utils.data.DataLoader(_Header(paths), batch_size=256, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(_Header(refs, reader or FILES), batch_size=256, num_workers=num_workers,
                                          collate_fn=_count_and_problems, worker_init_fn=worker_init())
     problems = []
-    with progress_bar(progress=progress, total=len(paths), desc="checking files", unit="file") as bar:
+    with progress_bar(progress=progress, total=len(refs), desc="checking files", unit="file") as bar:
         for count, found in loader:
             problems += found
             bar.update(count)
