@@ -67,7 +67,7 @@ def test_one_manifest_with_a_split_column_and_file_urls(pics, run_cli):
 
 
 @pytest.mark.parametrize("case", ["missing file", "empty label", "unknown split", "unknown test label",
-                                  "not a manifest", "bad json"])
+                                  "not a manifest", "bad json", "other column names"])
 def test_a_bad_row_is_one_line_naming_the_manifest_and_its_line(pics, run_cli, case):
     good = [(str(p), p.parent.name) for p in sorted((pics / "train").rglob("*.*"))[:40]]
     train = write_csv(run_cli.cwd / "train.csv", good)
@@ -85,6 +85,9 @@ def test_a_bad_row_is_one_line_naming_the_manifest_and_its_line(pics, run_cli, c
         write_csv(run_cli.cwd / "test.csv", [(good[0][0], "zebra")])
         args.append("dataset.test=test.csv")
         expected = ("test.csv:2", "label 'zebra'")
+    elif case == "other column names":
+        write_csv(train, good, "filepath,class")
+        expected = ("train.csv:2", "no 'path' column (the columns: filepath, class)", "dataset.path_column")
     elif case == "not a manifest":
         (run_cli.cwd / "train.xlsx").write_bytes(b"PK")
         args = ["dataset.train=train.xlsx"]

@@ -92,6 +92,10 @@ def _rows(path: Path, columns: Columns, with_split: bool) -> Iterator[_Row]:
     """The manifest's rows with their paths resolved; a row that is incomplete is an error."""
     for line, record in _records(path):
         where = f"{path}:{line}"
+        for key, name in ((columns.path, "path_column"), (columns.label, "label_column")):
+            if key not in record:
+                raise DataError(f"{where}: no {key!r} column (the columns: {', '.join(map(str, record))}); name "
+                                f"yours with dataset.{name}=...")
         value = {key: _text(record.get(key)) for key in (columns.path, columns.label, columns.split)}
         if not value[columns.path]:
             raise DataError(f"{where}: the {columns.path!r} column is empty")
