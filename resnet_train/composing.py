@@ -9,7 +9,7 @@ import functools
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONFIG_MODULE, KEYS, OPEN_GROUPS, Key, unknown_key_message
+from .config import CONFIG_MODULE, KEYS, OPEN_GROUPS, PATTERN_KEYS, Key, unknown_key_message
 from .errors import ConfigError
 
 
@@ -71,4 +71,6 @@ def _no_such_key(key: str, value: str, program: str, keys: dict[str, Key]) -> st
     if keys is KEYS and group in OPEN_GROUPS and "." in key:
         return (f"{key}={value}: the chosen {group} has no argument {key.split('.', 1)[1]}; "
                 f"add a new constructor argument with +{key}={value}")
+    if keys is KEYS and key in PATTERN_KEYS:  # (keys only some datasets have)
+        return f"{key}={value}: only dataset=webdataset has {key}; add dataset=webdataset"
     return unknown_key_message(key, value, program, keys)

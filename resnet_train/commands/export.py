@@ -108,6 +108,8 @@ def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
             continue
         if getattr(loader, "images", None) is not None:
             images = loader.images[:n]
+        elif hasattr(loader, "first_images"):  # shards: the first samples, decoded
+            images = loader.first_images(n)
         else:  # streamed: decode the first files
             images = torch.stack([decode_resized(path, size, trained.exif_transpose).permute(1, 2, 0)
                                   for path, _ in loader.samples[:n]])

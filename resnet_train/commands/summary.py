@@ -13,6 +13,7 @@ from torch import nn
 from ..build import build_model, model_from_checkpoint
 from ..composing import compose_train
 from ..config import arch_of, validate
+from ..errors import ConfigError
 
 
 @dataclass
@@ -105,4 +106,8 @@ def _num_classes(cfg: DictConfig) -> int:
     from ..data import scan_image_folder
 
     known = {"cifar10": 10, "cifar100": 100}.get(cfg.dataset.name)
+    if cfg.dataset.name == "webdataset":  # (shards: the classes are configured, not found)
+        known = len(cfg.dataset.classes) if cfg.dataset.classes else cfg.dataset.num_classes
+        if not known:
+            raise ConfigError("dataset=webdataset needs dataset.classes=[...] or dataset.num_classes=N")
     return known or len(scan_image_folder(Path(cfg.dataset.root).expanduser() / "train", log=lambda line: None).classes)

@@ -8,6 +8,7 @@ uint8 and is augmented, resized and normalized there, per batch, from a generato
 
     sources.py     CIFAR and image files on disk -> uint8 tensors; splits; statistics
     folders.py     an image folder's tree -> (file, class) samples, links and odd files handled
+    shards.py      WebDataset shards (local or any fsspec URL) -> a seeded, resumable stream; writing them
     storage.py     whether decoded images are held in memory or streamed
     loaders.py     batches of a split, in a seeded order, sharded over processes
     transforms.py  the per-batch augmentation and normalization on the device
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -27,6 +28,7 @@ from ..config import DATASETS, stored_image_size
 from ..errors import DataError
 from .folders import scan_image_folder
 from .loaders import Loader, MemoryLoader, Shard, StreamLoader, epoch_generator
+from .shards import IMAGE_KEYS, SampleFormat, ShardLoader, ShardSet, check_slots, count_samples, expand_pattern
 from .sources import (
     CIFAR,
     DecodedFiles,
@@ -42,9 +44,10 @@ from .sources import (
 from .storage import plan_storage
 from .transforms import Augment, BatchTransform, crop_flip, draw_augmentation
 
-__all__ = ["Augment", "Batching", "BatchTransform", "CIFAR", "Data", "DataError", "DatasetSpec", "Loader", "MemoryLoader",
-           "Shard", "StreamLoader", "build_data", "channel_stats", "crop_flip", "decode_all", "decode_resized", "draw_augmentation",
-           "epoch_generator", "load_cifar", "plan_storage", "scan_image_folder", "stratified_split"]
+__all__ = ["Augment", "Batching", "BatchTransform", "CIFAR", "Data", "DataError", "DatasetSpec", "Loader",
+           "MemoryLoader", "Shard", "ShardLoader", "StreamLoader", "build_data", "channel_stats", "crop_flip",
+           "decode_all", "decode_resized", "draw_augmentation", "epoch_generator", "load_cifar", "plan_storage",
+           "scan_image_folder", "stratified_split"]
 
 # --------------------------------------------------------------------------------------------
 # Config values → loaders
@@ -87,7 +90,15 @@ class DatasetSpec:
     download: bool = False
     loader: str = "memory"  # memory | stream | auto (memory when it fits)
     exif_transpose: bool = True  # image files turned upright as their EXIF orientation says
-    # Given by resnet-eval and resnet-export, not the config: what a trained model already knows.
+    # WebDataset shards (dataset=webdataset): brace patterns of shard files or URLs per split
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    image_key: str | Sequence[str] = IMAGE_KEYS  # a sample's image: the first of these extensions it has
+    label_key: str = "cls"  # its label: a class index, or a class name
+    num_classes: int | None = None  # integer labels without names (else `classes`)
+    shuffle_buffer: int = 1000  # samples each decoding worker shuffles among
+    # Given by resnet-eval and resnet-export (what a trained model already knows), or for shards the config.
     classes: Sequence[str] | None = None  # the model's classes (None: the train/ folder's)
     splits: Sequence[str] = ("train", "val", "test")  # the splits a command reads
 
@@ -110,6 +121,8 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
                log=print) -> Data:
     """Read the dataset, split off validation images and wrap each split in a loader. With a
     `shard`, `batching.batch_size` is the global batch: each of the shard's processes gets an equal part."""
+    if dataset.name == "webdataset":
+        return _read_shards(dataset, batching, device, shard, log)
     root = Path(dataset.root).expanduser()
     stored_size = stored_image_size(dataset.name, dataset.image_size)
     if dataset.name in CIFAR:
@@ -127,7 +140,7 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
         train, val, test = _decoded((train, val, test), dataset, batching)
     if train is not None and batching.batch_size > len(train):
         raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({len(train):,} images)")
-    mean, std = _normalization(dataset, train, batching, log)
+    mean, std = _normalization(dataset, (lambda: _channel_stats_of(train, dataset, batching)) if train else None, log)
 
     def make(split: Split | None, train_mode: bool) -> Loader | None:
         if split is None:
@@ -150,16 +163,77 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
                 val_source, storage)
 
 
-def _normalization(dataset: DatasetSpec, train: Split | None, batching: Batching,
+def _read_shards(dataset: DatasetSpec, batching: Batching, device: torch.device, shard: Shard, log) -> Data:
+    """dataset.train/val/test shards (those given and needed), streamed; validation on the val
+    shards, else the test shards (shards hold nothing out: dataset.val_size must be 0)."""
+    if dataset.val_size != 0:
+        raise DataError(f"dataset.val_size={dataset.val_size}: images cannot be held out of streamed shards; "
+                        "give validation shards with dataset.val=... (dataset.val_size=0 validates on dataset.test)")
+    if dataset.loader == "memory":
+        raise DataError("dataset.loader=memory: shards are streamed (dataset.loader=stream or auto)")
+    classes = list(dataset.classes) if dataset.classes is not None else (
+        [str(i) for i in range(dataset.num_classes)] if dataset.num_classes else None)
+    if classes is None:
+        raise DataError("dataset=webdataset needs the class names, dataset.classes=[cat,dog,...], or for integer "
+                        "labels dataset.num_classes=N")
+    keys = (dataset.image_key,) if isinstance(dataset.image_key, str) else tuple(dataset.image_key)
+    fmt = SampleFormat(keys, dataset.label_key, tuple(classes))
+    splits = set(dataset.splits)
+    if "val" in splits and dataset.val is None:
+        splits.add("test")
+    if "train" in splits and dataset.train is None:
+        raise DataError("dataset=webdataset needs dataset.train=<shards>, e.g. "
+                        "dataset.train='shards/train-{000000..000009}.tar'")
+    shard_sets = {}
+    for name in ("train", "val", "test"):
+        pattern = getattr(dataset, name)
+        if name in splits and pattern is not None:
+            urls = expand_pattern(pattern, f"dataset.{name}", dataset.root)
+            counts, how = count_samples(urls, fmt, batching.num_workers)
+            if not sum(counts):
+                raise DataError(f"dataset.{name}={pattern!r}: its {len(urls)} shard(s) hold no samples")
+            shard_sets[name] = ShardSet(tuple(urls), tuple(counts))
+            log(f"dataset.{name}: {len(urls):,} shard(s), {sum(counts):,} images (counted from {how})")
+    if splits == {"test"} and "test" not in shard_sets:
+        raise DataError("dataset.test is not set: there is no test split to evaluate (split=val evaluates dataset.val)")
+    train = shard_sets.get("train")
+    if train is not None and batching.batch_size > train.total:
+        raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({train.total:,} images)")
+    if train is not None:
+        check_slots(train, batching.num_workers, shard)
+
+    def first_images_stats() -> tuple[list, list]:  # (estimated from the first 2,000)
+        return channel_stats(ShardLoader(train, fmt, dataset.image_size, dataset.exif_transpose, 1,
+                                         BatchTransform(None, None), False, device).first_images(STATS_IMAGES))
+    mean, std = _normalization(dataset, first_images_stats if train is not None else None, log)
+
+    def make(name: str, train_mode: bool) -> ShardLoader | None:
+        if name not in shard_sets:
+            return None
+        transform = BatchTransform(mean, std, batching.augment if train_mode else None, None, batching.channels_last)
+        per_process = (batching.batch_size if train_mode else batching.eval_batch_size) // shard.world_size or 1
+        return ShardLoader(shard_sets[name], fmt, dataset.image_size, dataset.exif_transpose, per_process, transform,
+                           train_mode, device, batching.seed, batching.num_workers, shard, dataset.shuffle_buffer)
+
+    test = make("test", False)
+    val = make("val", False) if "val" in shard_sets else test
+    val_source = (f"dataset.val ({shard_sets['val'].total:,} images)" if "val" in shard_sets else
+                  "the test shards (no dataset.val)" if test is not None else "none")
+    return Data(make("train", True), val, test, classes, mean, std, dataset.image_size, dataset.image_size,
+                val_source, "stream")
+
+
+def _normalization(dataset: DatasetSpec, stats: Callable[[], tuple[list, list]] | None,
                    log) -> tuple[list[float] | None, list[float] | None]:
-    """The mean and std batches are normalized with: given, computed from the training images, or none."""
+    """The mean and std batches are normalized with: given, computed from the training images
+    (`stats`; None: there are none), or none."""
     if not dataset.normalize:
         return None, None
     mean, std = dataset.mean, dataset.std
     if mean is None or std is None:
-        if train is None:
+        if stats is None:
             raise DataError("dataset.mean and dataset.std are needed: there are no training images to compute them from")
-        computed = _channel_stats_of(train, dataset, batching)
+        computed = stats()
         mean, std = mean or computed[0], std or computed[1]
         log(f"Normalization computed from the training images: mean {_fmt(mean)}, std {_fmt(std)}")
     return list(mean), list(std)

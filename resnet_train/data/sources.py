@@ -7,7 +7,7 @@ import math
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -87,17 +87,20 @@ def _cifar_help(cls, title: str, root: Path, folder: Path, why: str) -> str:
             f"giving {folder}/), or point dataset.root at a folder that contains {cls.base_folder}/")
 
 
-def decode_resized(path: str, size: int, exif_transpose: bool = True) -> torch.Tensor:
-    """Decode one image file as RGB uint8 CHW, shorter side resized to `size`, center-cropped square;
-    turned upright first as its EXIF orientation says (phone photos are stored sideways)."""
+def decode_resized(path: str | BinaryIO, size: int, exif_transpose: bool = True,
+                   name: str | None = None) -> torch.Tensor:
+    """Decode one image (a file, or its bytes in a file object: a shard's sample) as RGB uint8 CHW,
+    shorter side resized to `size`, center-cropped square; turned upright first as its EXIF
+    orientation says (phone photos are stored sideways). Errors name `name` (default: the path)."""
+    name = name or str(path)
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
-            img = TF.pil_to_tensor(_as_8bit_rgb(_upright(im) if exif_transpose else im, path))
+            img = TF.pil_to_tensor(_as_8bit_rgb(_upright(im) if exif_transpose else im, name))
     except (DataError, MemoryError):
         raise
     except Exception as e:
-        raise DataError(f"could not read image {path}: {e}") from None
+        raise DataError(f"could not read image {name}: {e}") from None
     if img.shape[-2:] != (size, size):
         img = TF.center_crop(TF.resize(img, size, antialias=True), size)
     return img
