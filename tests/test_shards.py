@@ -66,6 +66,9 @@ def test_trains_above_chance_on_shards_webdataset_wrote_and_eval_repeats_the_tes
     assert_ok(result)
     report = json.loads((reference_run / "eval.json").read_text())
     assert report["images"] == 64 and report["accuracy"] == pytest.approx(metrics["test_accuracy"])
+    exported = user("resnet-export", f"checkpoint={reference_run}", "format=torchscript", "parity_images=8")
+    assert_ok(exported)
+    assert "8 test images of the run" in exported.stdout  # (the first test shard's, decoded)
 
 
 def test_a_run_killed_mid_epoch_resumes_bitwise(user, reference_run):
@@ -87,24 +90,30 @@ def test_a_run_killed_mid_epoch_resumes_bitwise(user, reference_run):
 def test_the_order_depends_on_seed_and_epoch_only(user):
     """Two loaders built alike give the same batches; the next epoch another order; all the images
     of an epoch's batches are distinct samples when the shards divide evenly among the workers."""
-    from resnet_train.data import BatchTransform, ShardLoader
+    from resnet_train.data import BatchTransform, Shard, ShardLoader
     from resnet_train.data.shards import SampleFormat, ShardSet, count_samples, expand_pattern
 
     fmt = SampleFormat(("png",), "cls", tuple(map(str, range(NUM_CLASSES))))
     urls = expand_pattern(user.train, "dataset.train")
     shards = ShardSet(tuple(urls), tuple(count_samples(urls, fmt, 0)[0]))
 
-    def epoch(e: int, workers: int) -> list[torch.Tensor]:
-        loader = ShardLoader(shards, fmt, SIZE, True, 32, BatchTransform(None, None), True, torch.device("cpu"),
-                             seed=3, num_workers=workers)
+    def epoch(e: int, workers: int, shard: Shard = Shard(), batch_size: int = 32) -> list[torch.Tensor]:
+        loader = ShardLoader(shards, fmt, SIZE, True, batch_size, BatchTransform(None, None), True,
+                             torch.device("cpu"), seed=3, num_workers=workers, shard=shard)
         loader.set_epoch(e)
-        return [images for images, _ in loader]
+        batches = [images for images, _ in loader]
+        assert len(batches) == len(loader)
+        return batches
 
     first, again, second = epoch(1, 2), epoch(1, 2), epoch(2, 2)
     assert len(first) == 8 and all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], second[0])
-    flat = torch.cat(first).flatten(1)
-    assert len(torch.unique(flat, dim=0)) == 256
+    assert len(torch.unique(torch.cat(first).flatten(1), dim=0)) == 256  # each image once
+    # Two processes (16 images each of a global batch of 32), each reading two shards of its own:
+    # the same number of batches, and together every image once.
+    ranks = [epoch(1, 1, Shard(rank, 2), batch_size=16) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 8
+    assert len(torch.unique(torch.cat(ranks[0] + ranks[1]).flatten(1), dim=0)) == 256
 
 
 def test_resnet_shards_writes_an_image_folder_that_trains(tmp_path):

@@ -35,9 +35,9 @@ import torch
 
 from ..errors import DataError
 from ..files import atomic_write
-from .loaders import Batch, Shard
+from .loaders import Batch, Shard, device_batches
 from .sources import decode_resized
-from .transforms import BatchTransform, epoch_generator
+from .transforms import BatchTransform
 from .workers import from_workers, worker_init
 
 EXTRA = "pip install 'resnet-train[webdataset]'"
@@ -371,20 +371,12 @@ class ShardLoader:
         self.skip = self.batches.skip = skip if self.train else 0
 
     def __iter__(self) -> Iterator[Batch]:
-        g = epoch_generator(self.seed, self.epoch, self.device) if self.train else None
-        global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
-        for _ in range(self.skip):
-            self.transform.skip(global_batch, self.image_size, g)
+        # (a DataLoader an epoch: its workers get the dataset as set_epoch left it)
         loader = torch.utils.data.DataLoader(
             self.batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.num_workers > 0 else None, worker_init_fn=worker_init(),
             generator=torch.Generator().manual_seed(self.seed))
-        for images, labels in from_workers(loader):
-            images = images.to(self.device, non_blocking=True)
-            # Each process's batch is already its own (its slot's samples): the augmentation draws
-            # are still those of the global batch, the process's slice of them applied.
-            yield (self.transform(images, g, draws=global_batch, keep=mine) if self.train else self.transform(images),
-                   labels.to(self.device, non_blocking=True))
+        return device_batches(self, from_workers(loader))
 
     def first_images(self, n: int) -> torch.Tensor:
         """The split's first `n` images (uint8 NHWC), in shard order: statistics, export parity checks."""
