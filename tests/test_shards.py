@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from resnet_train.errors import DataError
 from conftest import Runner, assert_ok, assert_one_error, make_images, metrics_of, write_image_folder
 from PIL import Image
 from test_resume import _until_paused, assert_same_final_state, last_state
@@ -146,6 +147,47 @@ def test_resnet_shards_writes_an_image_folder_that_trains(tmp_path):
     assert_one_error(runner("resnet-shards", "pets", "out"), "already has shards")
     assert_one_error(runner("resnet-shards", "nowhere", "out2"), "nowhere/train does not exist")
     assert_one_error(runner("resnet-shards", "pets"), "resnet-shards --help")
+
+
+def test_a_writer_stopped_midway_leaves_only_whole_shards(tmp_path):
+    """The shard being written when the writer fails keeps its hidden temporary name only until
+    the failure is handled (removed), so no shard looks whole that is not; no sizes.json."""
+    from resnet_train.data.shards import _rng, write_dataset
+
+    folder = write_image_folder(tmp_path / "pets", {"train": 10}, num_classes=2, size=SIZE)
+    samples = [(str(p), i % 2) for i, p in enumerate(sorted((folder / "train").rglob("*.*")))]
+    samples[7] = (str(tmp_path / "gone.png"), 1)
+    out = tmp_path / "out"
+    def reached_after(seed: int) -> int:  # samples written before gone.png (the order is shuffled)
+        order = list(range(10))
+        _rng(seed).shuffle(order)
+        return order.index(7)
+    seed = next(s for s in range(100) if reached_after(s) >= 6)  # two whole shards, then a failing third
+    with pytest.raises(DataError, match="gone.png"):
+        write_dataset({"train": samples}, ["a", "b"], out, max_count=3, seed=seed)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"train-{i:06d}.tar" for i in range(reached_after(seed) // 3)]
+    for name in names:
+        with tarfile.open(out / name) as tar:
+            assert len(tar.getnames()) == 6  # 3 samples: image + cls
+
+
+def test_shards_at_an_fsspec_url_are_read_with_their_sizes_file(user, tmp_path):
+    """Any URL fsspec opens (here its in-memory filesystem: s3://, gs:// and https:// go the same
+    way): the shards and the sizes.json beside them."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    local = sorted((user.cwd / "shards").glob("train-*.tar"))
+    for path in local:
+        fs.pipe(f"/remote/{path.name}", path.read_bytes())
+    fs.pipe("/remote/sizes.json", json.dumps({p.name: 64 for p in local}).encode())
+    runner = Runner(tmp_path / "work")
+    result = runner("resnet-train", *RUN, "epochs=1", "num_workers=0", "dataset=webdataset",
+                    "dataset.train=memory://remote/train-{000000..000003}.tar", f"dataset.num_classes={NUM_CLASSES}")
+    assert_ok(result)
+    assert "4 shard(s), 256 images (counted from sizes.json)" in result.stdout + result.stderr
+    fs.rm("/remote", recursive=True)
 
 
 def test_a_file_url_pattern_reads_the_same_shards(user, tmp_path):

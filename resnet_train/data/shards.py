@@ -402,6 +402,8 @@ def write_dataset(splits: dict[str, Sequence[tuple[str, int]]], classes: Sequenc
     `classes.txt` (one class name a line, in index order). Any source of samples can be written
     this way: an image folder (resnet-shards), a manifest. Returns {split: {shard: samples}}."""
     existing = sorted(p.name for split in splits for p in out.glob(f"{split}-*.tar"))
+    for stale in (p for split in splits for p in out.glob(f".{split}-*.tar.partial")):
+        stale.unlink()  # (left by a killed writer)
     if existing:
         raise DataError(f"{out} already has shards ({existing[0]}, ...): write into an empty folder or remove "
                         "them first")
@@ -421,21 +423,21 @@ def write_shards(samples: Sequence[tuple[str, int]], out: Path, split: str, max_
     writer leaves no shard that looks whole. Returns {shard file name: samples}."""
     wds = webdataset()
     out.mkdir(parents=True, exist_ok=True)
+    if not samples:
+        return {}
     order = list(range(len(samples)))
     _rng(seed).shuffle(order)
     sizes: dict[str, int] = {}
     counting: dict[str, int] = {}
 
-    def finished(partial: str) -> None:
-        if partial not in counting:  # (a shard opened but given nothing)
-            Path(partial).unlink(missing_ok=True)
-            return
+    def finished(partial: str) -> None:  # a whole shard: its own name
         final = Path(partial).with_name(Path(partial).name[1:].removesuffix(".partial"))
         Path(partial).replace(final)
         sizes[final.name] = counting.pop(partial)
 
-    with wds.ShardWriter(str(out / f".{split}-%06d.tar.partial"), maxcount=max_count, maxsize=max_size,
-                         post=finished, verbose=0, encoder=False) as writer:
+    writer = wds.ShardWriter(str(out / f".{split}-%06d.tar.partial"), maxcount=max_count, maxsize=max_size,
+                             post=finished, verbose=0, encoder=False)
+    try:
         for n, i in enumerate(order):
             path, label = samples[i]
             suffix = Path(path).suffix.lower().lstrip(".")
@@ -445,4 +447,11 @@ def write_shards(samples: Sequence[tuple[str, int]], out: Path, split: str, max_
                 raise DataError(f"could not read image {path}: {e.strerror or e}") from None
             writer.write({"__key__": f"{split}{n:08d}", suffix: data, "cls": str(label).encode()})
             counting[writer.fname] = counting.get(writer.fname, 0) + 1
+    except BaseException:  # the shard being written keeps no name of a shard unless it is full
+        if writer.count < writer.maxcount and writer.size < writer.maxsize:
+            writer.post = None
+        writer.close()
+        Path(writer.fname).unlink(missing_ok=True)
+        raise
+    writer.close()
     return sizes
