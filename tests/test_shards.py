@@ -117,6 +117,28 @@ def test_the_order_depends_on_seed_and_epoch_only(user):
     assert len(torch.unique(torch.cat(ranks[0] + ranks[1]).flatten(1), dim=0)) == 256
 
 
+def test_samples_decode_as_files_do_exif_and_16_bit(tmp_path):
+    """One decoder for files and shard samples: a sideways phone photo turned upright, a 16-bit
+    gradient scaled to 8 bits -- the same tensors from a shard as from the files."""
+    import numpy as np
+    from test_photos import sideways_photo
+
+    from resnet_train.data import decode_resized
+    from resnet_train.data.shards import SampleFormat, decode_sample, shard_samples
+
+    sideways_photo(tmp_path / "p.jpg")
+    Image.fromarray(np.tile(np.arange(0, 65536, 1024, dtype=np.uint16), (64, 1))).save(tmp_path / "g.png")
+    _tar(tmp_path / "s.tar", {"p.jpg": (tmp_path / "p.jpg").read_bytes(), "p.cls": b"0",
+                              "g.png": (tmp_path / "g.png").read_bytes(), "g.cls": b"1"})
+    fmt = SampleFormat(("jpg", "png"), "cls", ("a", "b"))
+    decoded = [decode_sample(s, "s.tar", fmt, 20, True) for s in shard_samples(str(tmp_path / "s.tar"))]
+    assert [label for _, label in decoded] == [0, 1]
+    for (image, _), name in zip(decoded, ("p.jpg", "g.png")):
+        assert torch.equal(image, decode_resized(str(tmp_path / name), 20).permute(1, 2, 0))
+    assert decoded[1][0].min() < 20 and decoded[1][0].max() > 200  # scaled, not clipped to white
+    assert decoded[0][0][:5, :, 0].float().mean() > 200  # red on top: turned upright
+
+
 def test_resnet_shards_writes_an_image_folder_that_trains(tmp_path):
     """resnet-shards: the files' own bytes under their extension, sizes.json (no counting pass) and
     classes.txt, no temporary names left; the command it prints runs as printed."""

@@ -140,7 +140,8 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
         train, val, test = _decoded((train, val, test), dataset, batching)
     if train is not None and batching.batch_size > len(train):
         raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({len(train):,} images)")
-    mean, std = _normalization(dataset, (lambda: _channel_stats_of(train, dataset, batching)) if train else None, log)
+    stats = (lambda: _channel_stats_of(train, dataset, batching)) if train is not None else None
+    mean, std = _normalization(dataset, stats, log)
 
     def make(split: Split | None, train_mode: bool) -> Loader | None:
         if split is None:
@@ -171,7 +172,7 @@ def _read_shards(dataset: DatasetSpec, batching: Batching, device: torch.device,
                         "give validation shards with dataset.val=... (dataset.val_size=0 validates on dataset.test)")
     if dataset.loader == "memory":
         raise DataError("dataset.loader=memory: shards are streamed (dataset.loader=stream or auto)")
-    classes = list(dataset.classes) if dataset.classes is not None else (
+    classes = [str(c) for c in dataset.classes] if dataset.classes is not None else (
         [str(i) for i in range(dataset.num_classes)] if dataset.num_classes else None)
     if classes is None:
         raise DataError("dataset=webdataset needs the class names, dataset.classes=[cat,dog,...], or for integer "
