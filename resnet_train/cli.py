@@ -5,6 +5,7 @@
     resnet-predict  commands/predict.py
     resnet-export   commands/export.py
     resnet-summary  commands/summary.py
+    resnet-shards   commands/shards.py    (an image folder -> WebDataset shards)
 
 `run_command` is the one place errors become exit codes, for every command: a `UserError` or a
 Hydra composition error prints `error: <one line>` and exits 2, Ctrl-C outside training exits 130.
@@ -28,7 +29,7 @@ from omegaconf import DictConfig
 
 from . import runs, sweep, world  # sweep registers the job-name resolver train.yaml uses
 from .composing import hydra_error
-from .config import (CONFIG_GROUPS, CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PREDICT_KEYS, Key,
+from .config import (CONFIG_GROUPS, CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PATTERN_KEYS, PREDICT_KEYS, Key,
                      duration_seconds, override_key)
 from .errors import ConfigError, Refused, UserError, is_out_of_memory
 from .files import STORAGE_ERRNOS, storage_error
@@ -40,9 +41,10 @@ STARTED = time.time()
 log = logging.getLogger("resnet_train")
 
 
-def run_command(command: Callable[[], Any], program: str = "resnet-train", keys: dict[str, Key] = KEYS) -> Any:
+def run_command(command: Callable[[], Any], program: str = "resnet-train", keys: dict[str, Key] = KEYS,
+                hydra_args: bool = True) -> Any:
     """Run a console script's body, turning user errors into one line and exit status 2 (an unknown
-    key is named against `program`'s `keys`)."""
+    key is named against `program`'s `keys`; `hydra_args=False`: a command with options of its own)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -50,7 +52,8 @@ def run_command(command: Callable[[], Any], program: str = "resnet-train", keys:
     logging.raiseExceptions = False  # a log line that cannot be written (full disk) is dropped, not a traceback
     runs.forget_claims()
     try:
-        _check_command_line(sys.argv[1:], program)
+        if hydra_args:
+            _check_command_line(sys.argv[1:], program)
         return command()
     except Refused as refused:
         _exit(str(refused.error), refused.error.exit_code)
@@ -150,7 +153,20 @@ def train_main() -> None:
     run_command(lambda: _train_command(sys.argv[1:]))
 
 
+def quote_patterns(args: list[str]) -> list[str]:
+    """Shard patterns as users type them (`dataset.train=shards/train-{000000..000099}.tar`) quoted for
+    Hydra, whose grammar reads an unquoted `{` as the start of a dict."""
+    quoted = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and override_key(key) in PATTERN_KEYS and "{" in value and value[:1] not in ("'", '"'):
+            arg = f"{key}='{value}'"
+        quoted.append(arg)
+    return quoted
+
+
 def _train_command(args: list[str]) -> None:
+    args = quote_patterns(args)
     this = world.from_environment()
     if this.launcher == "torchrun":  # agree on one run dir before Hydra makes one (SLURM's jobs have theirs)
         from . import distributed
@@ -197,7 +213,7 @@ def eval_main() -> None:
     """The `resnet-eval` console script."""
     args = sys.argv[1:]
     own = [a for a in args if a.startswith("-") or override_key(a) in EVAL_KEYS or a.startswith(("hydra.", "hydra/"))]
-    _training_overrides[:] = [a for a in args if a not in own]
+    _training_overrides[:] = quote_patterns([a for a in args if a not in own])
     sys.argv[1:] = own
     run_command(_eval_app, "resnet-eval", EVAL_KEYS)
 
@@ -267,3 +283,19 @@ def summary_main() -> None:
 
         print(summary_table(args))
     run_command(command, "resnet-summary")
+
+
+# --------------------------------------------------------------------------------------------
+# resnet-shards
+# --------------------------------------------------------------------------------------------
+
+
+def shards_main() -> None:
+    """The `resnet-shards` console script: an image folder -> WebDataset shards."""
+    args = sys.argv[1:]
+
+    def command() -> None:
+        from .commands.shards import write_shards_command
+
+        write_shards_command(args)
+    run_command(command, "resnet-shards", hydra_args=False)

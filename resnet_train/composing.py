@@ -71,4 +71,18 @@ def _no_such_key(key: str, value: str, program: str, keys: dict[str, Key]) -> st
     if keys is KEYS and group in OPEN_GROUPS and "." in key:
         return (f"{key}={value}: the chosen {group} has no argument {key.split('.', 1)[1]}; "
                 f"add a new constructor argument with +{key}={value}")
+    having = _datasets_with(key) if keys is KEYS and key.startswith("dataset.") else []
+    if having:  # (keys only some datasets have)
+        options = " or ".join(f"dataset={name}" for name in having)
+        return f"{key}={value}: only {options} {'has' if len(having) == 1 else 'have'} {key}; add {options}"
     return unknown_key_message(key, value, program, keys)
+
+
+def _datasets_with(key: str) -> list[str]:
+    """The options of the dataset group that have `key` (dataset.<name>)."""
+    from importlib.resources import files
+
+    folder = files(CONFIG_MODULE) / "dataset"
+    name = key.split(".", 1)[1]
+    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml")
+                  and name in OmegaConf.create(entry.read_text()))

@@ -35,9 +35,10 @@ CONFIG_MODULE = "resnet_train.configs"
 # The values an enumerated key may take (the first is the default where there is one)
 CIFAR_DATASETS = ("cifar10", "cifar100")
 IMAGE_SOURCES = ("image_folder", "manifest", "hf")  # images decoded from files or rows, kept in memory or streamed
-DATASETS = (*CIFAR_DATASETS, *IMAGE_SOURCES)
+DATASETS = (*CIFAR_DATASETS, *IMAGE_SOURCES, "webdataset")
 CIFAR_IMAGE_SIZE = 32  # CIFAR is stored (and augmented) at 32px, whatever size the model sees
 LOADERS = ("auto", "memory", "stream")
+PATTERN_KEYS = ("dataset.train", "dataset.val", "dataset.test")  # shard patterns (dataset=webdataset)
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # torchvision's, with weights
 CIFAR_ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")  # He et al.'s CIFAR family
 STEMS = ("auto", "cifar", "imagenet")
@@ -91,6 +92,10 @@ def either(choices: Iterable[Any]) -> str:
 
 def number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> Callable[[Any], bool]:
     return lambda v: is_number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+
+
+def text(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
 
 
 def positive_number(v: Any) -> bool:
@@ -220,18 +225,27 @@ KEYS: dict[str, Key] = {
     "dataset.split_seed": Key(non_negative_int, "a non-negative integer"),
     "dataset.loader": choice(LOADERS, resumable=True),
     "dataset.exif_transpose": Key(boolean, YES_NO, required=False),  # (image sources only)
-    "dataset.classes": Key(optional(lambda v: isinstance(v, list) and len(v) >= 2 and all(text(str(c)) for c in v)),
-                           "null or a list of at least two class names", required=False),
-    "dataset.train": Key(optional(text), "null or a manifest file (.csv, .tsv or .jsonl)", resumable=True,
-                         required=False),
-    "dataset.val": Key(optional(text), "null or a manifest file", resumable=True, required=False),
-    "dataset.test": Key(optional(text), "null or a manifest file", resumable=True, required=False),
+    "dataset.classes": Key(optional(lambda v: isinstance(v, list) and len(v) >= 2 and all(text(str(x)) for x in v)
+                                    and len(set(map(str, v))) == len(v)),
+                           "null or a list of 2 or more distinct class names", required=False),
+    # (manifests: files; shards: brace patterns)
+    "dataset.train": Key(optional(text), "null, a manifest (.csv, .tsv or .jsonl) or shards: a brace pattern like "
+                         "'shards/train-{000000..000099}.tar'", resumable=True, required=False),
+    "dataset.val": Key(optional(text), "null, a manifest or shards", resumable=True, required=False),
+    "dataset.test": Key(optional(text), "null, a manifest or shards", resumable=True, required=False),
+    # (manifests and Hugging Face datasets only)
     "dataset.path_column": Key(text, "a column name", required=False),
     "dataset.label_column": Key(text, "a column name", required=False),
     "dataset.split_column": Key(text, "a column name", required=False),
     "dataset.path": Key(optional(text), "a dataset folder (save_to_disk, parquet or arrow files) or a Hub name",
                         resumable=True, required=False),
     "dataset.image_column": Key(text, "a column name", required=False),
+    # (webdataset shards only)
+    "dataset.image_key": Key(lambda v: text(v) or (isinstance(v, list) and bool(v) and all(text(x) for x in v)),
+                             "an extension or a list of them, e.g. [jpg, png]", required=False),
+    "dataset.label_key": Key(text, "an extension, e.g. cls", required=False),
+    "dataset.num_classes": Key(optional(lambda v: is_int(v) and v >= 2), "null or an integer >= 2", required=False),
+    "dataset.shuffle_buffer": Key(positive_int, "a positive integer (samples)", required=False),
     # augmentation (training batches only)
     "augment.crop": choice(CROPS),
     "augment.crop_padding": Key(non_negative_int, "a non-negative integer (pixels)"),

@@ -247,7 +247,7 @@ def _hold_a_streamed_iterator(root: str, pid_file: str) -> None:
     train = data_of("image_folder", root, loader="stream", val_size=0, batch_size=4, num_workers=1).train
     batches = iter(train)
     next(batches)
-    Path(pid_file).write_text(str(batches.gi_frame.f_locals["self"].loader._iterator._workers[0].pid))
+    Path(pid_file).write_text(str(train.loader._iterator._workers[0].pid))  # (persistent workers: kept by the loader)
     time.sleep(600)
 
 

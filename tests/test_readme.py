@@ -25,8 +25,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-COMMANDS = ("resnet-train", "resnet-eval", "resnet-predict", "resnet-summary", "resnet-export", "torchrun",
-            "tensorboard")
+COMMANDS = ("resnet-train", "resnet-eval", "resnet-predict", "resnet-summary", "resnet-export", "resnet-shards",
+            "torchrun", "tensorboard")
 SKIPPED = {  # a README line starting with ... : why it is not run here
     "python3 -m venv": "creates the environment these tests run in",
     ". .venv/bin/activate": "activates the environment these tests run in",
@@ -88,7 +88,7 @@ def adapt(line: str, cwd: Path) -> list[str]:
     extra = ["epochs=1", "batch_size=32", "progress=false", "num_workers=0", "tensorboard.images=false"]
     if any(a.startswith("experiment=") and "finetune" in a or "linear_probe" in a for a in args):
         extra.append("dataset.image_size=72")
-    if "resume" not in keys:
+    if "resume" not in keys and "dataset=webdataset" not in args:  # (shards hold nothing out)
         extra.append("dataset.val_size=16" if "dataset=image_folder" not in args else "dataset.val_size=0.25")
     if any(a.startswith("experiment=budget") for a in args):  # (its time_budget picks the epochs)
         extra.append("time_budget=3s")

@@ -107,7 +107,7 @@ def parity_images(trained: TrainedModel, n: int) -> tuple[np.ndarray, str]:
             continue
         if getattr(loader, "images", None) is not None:
             images = loader.images[:n]
-        else:  # streamed: decode the first images
+        else:  # streamed (files, rows or shards): decode the first images
             images = loader.first_images(n)
         return images.contiguous().numpy(), f"{len(images)} {name} images of the run"
     return export.random_images(n, size), f"{n} generated images (the run has no test or validation split)"

@@ -129,9 +129,10 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
 
 def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision) -> dict:
     """What every checkpoint carries besides the training state: what evaluation and prediction need."""
+    layout = getattr(data.train, "layout", None)  # (shards: what an epoch's order depends on)
     return {"config": stored_cfg, "classes": data.classes, "precision": precision.name, "storage": data.storage,
             "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
-                              "stored_size": data.stored_size}}
+                              "stored_size": data.stored_size}, **({"stream_layout": layout} if layout else {})}
 
 
 def _peer_lost(error: RuntimeError, run_dir: Path, this: world.World) -> str:
@@ -187,6 +188,7 @@ def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn
                      "(an incomplete optimizer step)")
         if ckpt is not None:
             check_classes(ckpt["classes"], data.classes, cfg.resume)
+            _check_stream_layout(ckpt, data)
         model = build_model(cfg, len(data.classes), plan.device, load_pretrained=ckpt is None)
     except UserError:
         if ckpt is None and this.is_main and not swept_keys():
@@ -194,6 +196,17 @@ def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn
         raise
     log.info(f"Model: {describe_model(cfg, model)}")
     return data, model
+
+
+def _check_stream_layout(ckpt: dict, data: Data) -> None:
+    """A shard stream's order within an epoch depends on the processes and workers reading it: a
+    run resumed mid-epoch continues that epoch exactly only with the same ones."""
+    saved, now = ckpt.get("stream_layout"), getattr(data.train, "layout", None)
+    if saved and now and saved != now and TrainState.of_checkpoint(ckpt).epoch_progress:
+        raise ConfigError(f"this run stopped mid-epoch reading its shards with {saved['processes']} process(es) x "
+                          f"{saved['num_workers']} worker(s) (num_workers={saved['num_workers']}); the epoch continues "
+                          f"exactly only with the same: resume with num_workers={saved['num_workers']} and "
+                          f"{saved['processes']} process(es)")
 
 
 def _epochs_for_budget(cfg: DictConfig, model: torch.nn.Module, data: Data, precision: Precision,

@@ -10,6 +10,7 @@ uint8 and is augmented, resized and normalized there, per batch, from a generato
     folders.py     an image folder's tree -> (file, class) samples, links and odd files handled
     manifest.py    CSV / TSV / JSON Lines lists -> (path or URL, class) samples
     hf.py          Hugging Face datasets -> (row, class) samples and the reader of their images
+    shards.py      WebDataset shards (local or any fsspec URL) -> a seeded, resumable stream; writing them
     storage.py     whether decoded images are held in memory or streamed
     loaders.py     batches of a split, in a seeded order, sharded over processes
     transforms.py  the per-batch augmentation and normalization on the device
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -28,8 +29,9 @@ from .. import distributed
 from ..config import DATASETS, IMAGE_SOURCES, stored_image_size
 from ..errors import DataError
 from .folders import scan_image_folder
-from .manifest import Columns, read_manifests
 from .loaders import Loader, MemoryLoader, Shard, StreamLoader, balanced_weights, epoch_generator
+from .manifest import Columns, read_manifests
+from .shards import IMAGE_KEYS, SampleFormat, ShardLoader, ShardSet, check_slots, count_samples, expand_pattern
 from .sources import (
     CIFAR,
     DecodedFiles,
@@ -46,10 +48,10 @@ from .sources import (
 from .storage import plan_storage
 from .transforms import Augment, BatchTransform, crop_flip, draw_augmentation
 
-__all__ = ["Augment", "Batching", "BatchTransform", "CIFAR", "Data", "DataError", "DatasetSpec", "Loader", "MemoryLoader",
-           "Shard", "StreamLoader", "build_data", "channel_stats", "class_names", "crop_flip", "decode_all",
-           "decode_resized", "draw_augmentation", "epoch_generator", "load_cifar", "plan_storage", "scan_image_folder",
-           "stratified_split"]
+__all__ = ["Augment", "Batching", "BatchTransform", "CIFAR", "Data", "DataError", "DatasetSpec", "Loader",
+           "MemoryLoader", "Shard", "ShardLoader", "StreamLoader", "build_data", "channel_stats", "class_names",
+           "crop_flip", "decode_all", "decode_resized", "draw_augmentation", "epoch_generator", "load_cifar",
+           "plan_storage", "scan_image_folder", "stratified_split"]
 
 # --------------------------------------------------------------------------------------------
 # Config values → loaders
@@ -93,17 +95,24 @@ class DatasetSpec:
     download: bool = False
     loader: str = "memory"  # memory | stream | auto (memory when it fits)
     exif_transpose: bool = True  # image files turned upright as their EXIF orientation says
-    # manifests: a CSV/TSV/JSON Lines file per split (or one, with a split column) and its columns
+    # manifests (a CSV/TSV/JSON Lines file per split, or one with a split column) or WebDataset shards
+    # (brace patterns of shard files or URLs), per split
     train: str | None = None
     val: str | None = None
     test: str | None = None
-    path_column: str = "path"
+    path_column: str = "path"  # a manifest's columns
     label_column: str = "label"  # (also a Hugging Face dataset's)
     split_column: str = "split"
     # Hugging Face datasets: saved with save_to_disk, or a folder of parquet/arrow files (or a Hub name)
     path: str | None = None
     image_column: str = "image"
-    # The class names in order (None: the training split's, sorted); resnet-eval and resnet-export give the model's.
+    # WebDataset shards
+    image_key: str | Sequence[str] = IMAGE_KEYS  # a sample's image: the first of these extensions it has
+    label_key: str = "cls"  # its label: a class index, or a class name
+    num_classes: int | None = None  # integer labels without names (else `classes`)
+    shuffle_buffer: int = 1000  # samples each decoding worker shuffles among
+    # The class names in order (None: the training split's, sorted; shards need them, or num_classes);
+    # resnet-eval and resnet-export give the model's.
     classes: Sequence[str] | None = None
     # Given by the commands, not the config
     splits: Sequence[str] = ("train", "val", "test")  # the splits a command reads
@@ -128,6 +137,8 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
                log=print) -> Data:
     """Read the dataset, split off validation images and wrap each split in a loader. With a
     `shard`, `batching.batch_size` is the global batch: each of the shard's processes gets an equal part."""
+    if dataset.name == "webdataset":
+        return _read_shards(dataset, batching, device, shard, log)
     stored_size = stored_image_size(dataset.name, dataset.image_size)
     if dataset.name in CIFAR:
         train, test, classes = load_cifar(dataset.name, Path(dataset.root).expanduser(), dataset.download)
@@ -145,7 +156,8 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
         train, val, test = _decoded((train, val, test), dataset, batching)
     if train is not None and batching.batch_size > len(train):
         raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({len(train):,} images)")
-    mean, std = _normalization(dataset, train, batching, log)
+    stats = (lambda: _channel_stats_of(train, dataset, batching)) if train is not None else None
+    mean, std = _normalization(dataset, stats, log)
     balanced = batching.sampler == "balanced"
 
     def make(split: Split | None, train_mode: bool) -> Loader | None:
@@ -171,16 +183,80 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
                 val_source, storage, counts)
 
 
-def _normalization(dataset: DatasetSpec, train: Split | None, batching: Batching,
+def _read_shards(dataset: DatasetSpec, batching: Batching, device: torch.device, shard: Shard, log) -> Data:
+    """dataset.train/val/test shards (those given and needed), streamed; validation on the val
+    shards, else the test shards (shards hold nothing out: dataset.val_size must be 0)."""
+    if dataset.val_size != 0:
+        raise DataError(f"dataset.val_size={dataset.val_size}: images cannot be held out of streamed shards; "
+                        "give validation shards with dataset.val=... (dataset.val_size=0 validates on dataset.test)")
+    if dataset.loader == "memory":
+        raise DataError("dataset.loader=memory: shards are streamed (dataset.loader=stream or auto)")
+    if batching.sampler == "balanced":
+        raise DataError("sampler=balanced: shards are read in order, not drawn by index; weigh the classes with "
+                        "loss.class_weights=[...] instead")
+    classes = [str(c) for c in dataset.classes] if dataset.classes is not None else (
+        [str(i) for i in range(dataset.num_classes)] if dataset.num_classes else None)
+    if classes is None:
+        raise DataError("dataset=webdataset needs the class names, dataset.classes=[cat,dog,...], or for integer "
+                        "labels dataset.num_classes=N")
+    keys = (dataset.image_key,) if isinstance(dataset.image_key, str) else tuple(dataset.image_key)
+    fmt = SampleFormat(keys, dataset.label_key, tuple(classes))
+    splits = set(dataset.splits)
+    if "val" in splits and dataset.val is None:
+        splits.add("test")
+    if "train" in splits and dataset.train is None:
+        raise DataError("dataset=webdataset needs dataset.train=<shards>, e.g. "
+                        "dataset.train='shards/train-{000000..000009}.tar'")
+    shard_sets = {}
+    for name in ("train", "val", "test"):
+        pattern = getattr(dataset, name)
+        if name in splits and pattern is not None:
+            urls = expand_pattern(pattern, f"dataset.{name}", dataset.root)
+            counts, how = count_samples(urls, fmt, batching.num_workers)
+            if not sum(counts):
+                raise DataError(f"dataset.{name}={pattern!r}: its {len(urls)} shard(s) hold no samples")
+            shard_sets[name] = ShardSet(tuple(urls), tuple(counts))
+            log(f"dataset.{name}: {len(urls):,} shard(s), {sum(counts):,} images (counted from {how})")
+    if splits == {"test"} and "test" not in shard_sets:
+        raise DataError("dataset.test is not set: there is no test split to evaluate (split=val evaluates dataset.val)")
+    train = shard_sets.get("train")
+    if train is not None and batching.batch_size > train.total:
+        raise DataError(f"batch_size={batching.batch_size} is larger than the training split ({train.total:,} images)")
+    if train is not None:
+        check_slots(train, batching.num_workers, shard)
+
+    def first_images_stats() -> tuple[list, list]:  # (estimated from the first 2,000)
+        return channel_stats(ShardLoader(train, fmt, dataset.image_size, dataset.exif_transpose, 1,
+                                         BatchTransform(None, None), False, device).first_images(STATS_IMAGES))
+    mean, std = _normalization(dataset, first_images_stats if train is not None else None, log)
+
+    def make(name: str, train_mode: bool) -> ShardLoader | None:
+        if name not in shard_sets:
+            return None
+        transform = BatchTransform(mean, std, batching.augment if train_mode else None, None, batching.channels_last)
+        per_process = (batching.batch_size if train_mode else batching.eval_batch_size) // shard.world_size or 1
+        return ShardLoader(shard_sets[name], fmt, dataset.image_size, dataset.exif_transpose, per_process, transform,
+                           train_mode, device, batching.seed, batching.num_workers, shard, dataset.shuffle_buffer)
+
+    test = make("test", False)
+    val = make("val", False) if "val" in shard_sets else test
+    val_source = (f"dataset.val ({shard_sets['val'].total:,} images)" if "val" in shard_sets else
+                  "the test shards (no dataset.val)" if test is not None else "none")
+    return Data(make("train", True), val, test, classes, mean, std, dataset.image_size, dataset.image_size,
+                val_source, "stream")
+
+
+def _normalization(dataset: DatasetSpec, stats: Callable[[], tuple[list, list]] | None,
                    log) -> tuple[list[float] | None, list[float] | None]:
-    """The mean and std batches are normalized with: given, computed from the training images, or none."""
+    """The mean and std batches are normalized with: given, computed from the training images
+    (`stats`; None: there are none), or none."""
     if not dataset.normalize:
         return None, None
     mean, std = dataset.mean, dataset.std
     if mean is None or std is None:
-        if train is None:
+        if stats is None:
             raise DataError("dataset.mean and dataset.std are needed: there are no training images to compute them from")
-        computed = _channel_stats_of(train, dataset, batching)
+        computed = stats()
         mean, std = mean or computed[0], std or computed[1]
         log(f"Normalization computed from the training images: mean {_fmt(mean)}, std {_fmt(std)}")
     return list(mean), list(std)
@@ -190,6 +266,10 @@ def class_names(dataset: DatasetSpec) -> list[str]:
     """An image source's class names, from its training split (nothing decoded)."""
     if dataset.classes is not None:
         return [str(c) for c in dataset.classes]
+    if dataset.name == "webdataset":  # (shards: the classes are configured, not found)
+        if not dataset.num_classes:
+            raise DataError("dataset=webdataset needs dataset.classes=[...] or dataset.num_classes=N")
+        return [str(i) for i in range(dataset.num_classes)]
     return _list_images(replace(dataset, splits=("train",)), log=lambda line: None).classes
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -154,14 +154,22 @@ class StreamLoader:
         self.skip = self.sampler.start = skip if self.train else 0
 
     def __iter__(self) -> Iterator[Batch]:
-        g = epoch_generator(self.seed, self.epoch, self.device) if self.train else None
-        global_batch, mine = self.batch_size * self.shard.world_size, self.shard.batch_slice(self.batch_size)
-        for _ in range(self.skip):
-            self.transform.skip(global_batch, self.image_size, g)
-        for images, labels in from_workers(self.loader):
-            images = images.to(self.device, non_blocking=True)
-            yield (self.transform(images, g, draws=global_batch, keep=mine),
-                   labels.to(self.device, non_blocking=True))
+        return device_batches(self, from_workers(self.loader))
+
+
+def device_batches(loader, host: Iterable[Batch]) -> Iterator[Batch]:
+    """A streaming loader's (StreamLoader's, ShardLoader's) uint8 batches from its workers, moved to
+    its device and transformed there: training batches augmented from the (seed, epoch) generator,
+    which draws for the whole global batch (this process's slice applied) and, resuming, first for
+    the `skip` batches the epoch passes over."""
+    g = epoch_generator(loader.seed, loader.epoch, loader.device) if loader.train else None
+    global_batch, mine = loader.batch_size * loader.shard.world_size, loader.shard.batch_slice(loader.batch_size)
+    for _ in range(loader.skip):
+        loader.transform.skip(global_batch, loader.image_size, g)
+    for images, labels in host:
+        images = images.to(loader.device, non_blocking=True)
+        yield (loader.transform(images, g, draws=global_batch, keep=mine),
+               labels.to(loader.device, non_blocking=True))
 
 
 Loader = MemoryLoader | StreamLoader

@@ -8,7 +8,7 @@ import math
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -102,13 +102,14 @@ def _cifar_help(cls, title: str, root: Path, folder: Path, why: str) -> str:
 
 
 class Files:
-    """Opens images named by a path, or by a URL fsspec opens (s3://, gs://, https://, file://)."""
+    """Opens images named by a path, by a URL fsspec opens (s3://, gs://, https://, file://), or
+    given as a file object (a shard's sample's bytes)."""
 
-    def open(self, ref: str) -> contextlib.AbstractContextManager[Image.Image]:
-        return _opened_url(ref) if "://" in ref else Image.open(ref)
+    def open(self, ref: str | BinaryIO) -> contextlib.AbstractContextManager[Image.Image]:
+        return _opened_url(ref) if isinstance(ref, str) and "://" in ref else Image.open(ref)
 
-    def name(self, ref: str) -> str:
-        return ref
+    def name(self, ref: str | BinaryIO) -> str:
+        return ref if isinstance(ref, str) else str(getattr(ref, "name", "an image's bytes"))
 
 
 FILES = Files()
@@ -124,18 +125,20 @@ def _opened_url(url: str) -> Iterator[Image.Image]:
         yield im
 
 
-def decode_resized(ref: Any, size: int, exif_transpose: bool = True, reader: Any = FILES) -> torch.Tensor:
-    """Decode one image (a file's path, or what `reader` opens) as RGB uint8 CHW, shorter side
-    resized to `size`, center-cropped square; turned upright first as its EXIF orientation says
-    (phone photos are stored sideways)."""
+def decode_resized(ref: Any, size: int, exif_transpose: bool = True, reader: Any = FILES,
+                   name: str | None = None) -> torch.Tensor:
+    """Decode one image (a file's path or URL, its bytes in a file object, or what `reader` opens) as
+    RGB uint8 CHW, shorter side resized to `size`, center-cropped square; turned upright first as its
+    EXIF orientation says (phone photos are stored sideways). Errors name `name` (default: the reader's)."""
+    name = name or reader.name(ref)
     try:
         with reader.open(ref) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
-            img = TF.pil_to_tensor(_as_8bit_rgb(_upright(im) if exif_transpose else im, reader.name(ref)))
+            img = TF.pil_to_tensor(_as_8bit_rgb(_upright(im) if exif_transpose else im, name))
     except (DataError, MemoryError):
         raise
     except Exception as e:
-        raise DataError(f"could not read image {reader.name(ref)}: {e}") from None
+        raise DataError(f"could not read image {name}: {e}") from None
     if img.shape[-2:] != (size, size):
         img = TF.center_crop(TF.resize(img, size, antialias=True), size)
     return img
