@@ -85,4 +85,4 @@ def _datasets_with(key: str) -> list[str]:
     folder = files(CONFIG_MODULE) / "dataset"
     name = key.split(".", 1)[1]
     return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml")
-                  and name in OmegaConf.create(entry.read_text()))
+                  and name in OmegaConf.create(entry.read_text()).keys())
