@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import struct
@@ -255,18 +256,20 @@ class MlflowTracker(Tracker):
 
 class WandbTracker(Tracker):
     """A W&B run (files in <run dir>/wandb): hyperparameters and the environment in its config, the
-    scalars as its history at TensorBoard's steps. Console capture and system metrics are off."""
+    scalars as its history at TensorBoard's steps. Console capture and system metrics are off.
+
+    wandb-core writes a run's file in 32 KiB blocks (and every 15 s): a killed process loses what
+    it had not written yet, steps its checkpoint may hold. So each row is also appended to a journal
+    (`sent-<id>.jsonl`, beside W&B's files) before W&B gets it, and a resume sends again, from the
+    journal, the rows up to its checkpoint that W&B does not hold."""
 
     name, remote = "wandb", True
 
     def __init__(self, settings: dict, run: TrackedRun):
         wandb = _library("wandb")
-        self.settings, self.finished, self.held_step = settings, False, -1
+        self.settings, self.finished, self.held_step, self.backlog = settings, False, -1, []
         self.run_id = run.ids.get("wandb") or uuid.uuid4().hex[:12]
-        resumed = "wandb" in run.ids
         folder = run.run_dir / WANDB_FOLDER
-        if resumed and settings["mode"] == "offline":
-            self.held_step = max((s for s, _ in wandb_history(folder, self.run_id)), default=-1)
         folder.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_SILENT", "true")
         _quiet("wandb")
@@ -277,14 +280,32 @@ class WandbTracker(Tracker):
         except Exception as e:  # noqa: BLE001 (wandb's errors have no common class)
             raise TrackerError(f"logger=wandb: cannot start the W&B run ({first_line(e)}); log in with `wandb login`, "
                                "or use logger.wandb.mode=offline (and `wandb sync` later)") from None
-        if resumed and settings["mode"] == "online":
-            self.held_step = max(self.held_step, int(getattr(self.run, "starting_step", 0) or 0) - 1)
+        self.journal_path = folder / f"sent-{self.run_id}.jsonl"
+        journal = _read_journal(self.journal_path) if run.resume_step is not None else []
+        if run.resume_step is not None and "wandb" in run.ids:
+            self.held_step = self._held_step(folder)
+            self.backlog = [(step, values) for step, values in journal if self.held_step < step <= run.resume_step]
+        kept = "".join(json.dumps([step, values]) + "\n" for step, values in journal
+                       if run.resume_step is not None and step <= run.resume_step)
+        atomic_write(self.journal_path, lambda f: f.write(kept.encode()))
+        self.journal = open(self.journal_path, "a")
+
+    def _held_step(self, folder: Path) -> int:
+        """The last step the resumed W&B run holds: in its files (offline) or on the server."""
+        if self.settings["mode"] == "offline":
+            return max((step for step, _ in wandb_history(folder, self.run_id)), default=-1)
+        return int(getattr(self.run, "starting_step", 0) or 0) - 1
 
     def start(self, params: dict[str, Any], environment: dict[str, Any], config_yaml: str) -> None:
         self.run.config.update({**params, "environment": environment}, allow_val_change=True)
+        for step, values in self.backlog:  # (what a killed session sent and W&B lost)
+            self.run.log(values, step=step)
+        self.held_step = max([self.held_step, *(step for step, _ in self.backlog)])
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if step > self.held_step:
+            self.journal.write(json.dumps([step, values]) + "\n")
+            self.journal.flush()  # (a killed process's written lines are kept by the OS)
             self.run.log(dict(values), step=step)
 
     def finish(self, best_checkpoint: Path | None) -> None:
@@ -298,8 +319,21 @@ class WandbTracker(Tracker):
         self.finished = True
 
     def close(self) -> None:
+        self.journal.close()
         if not self.finished:
             self.run.finish(exit_code=1)
+
+
+def _read_journal(path: Path) -> list[tuple[int, dict[str, float]]]:
+    """The rows a W&B tracker sent, in order (a line torn by a kill ends it)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            step, values = json.loads(line)
+        except ValueError:
+            break
+        rows.append((int(step), values))
+    return rows
 
 
 # W&B's run files (`run-<id>.wandb`): a LevelDB-style log of protobuf records in 32 KiB blocks
@@ -311,8 +345,6 @@ _WANDB_BLOCK = 32768
 def wandb_history(folder: Path, run_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(step, {key: value}) of every history row in the run's files under `folder` (W&B's `dir`),
     oldest file first."""
-    import json
-
     from wandb.proto import wandb_internal_pb2
 
     for path in sorted(Path(folder).glob(f"*-{run_id}/run-{run_id}.wandb"), key=lambda p: p.parent.name):
