@@ -21,6 +21,7 @@ dir: a write that fails is one line naming it, like a checkpoint's (files.atomic
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -241,12 +242,16 @@ class MlflowTracker(Tracker):
     def finish(self, best_checkpoint: Path | None) -> None:
         if self.settings.get("log_checkpoint") and best_checkpoint is not None and best_checkpoint.is_file():
             self.client.log_artifact(self.run_id, str(best_checkpoint), "checkpoints")
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self._set_terminated("FINISHED")
         self.finished = True
 
     def close(self) -> None:
         if not self.finished:  # stopped, failed or killed: a resume sets it RUNNING again
-            self.client.set_terminated(self.run_id, "KILLED")
+            self._set_terminated("KILLED")
+
+    def _set_terminated(self, status: str) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # (MLflow prints two lines of links to the run)
+            self.client.set_terminated(self.run_id, status)
 
 
 # --------------------------------------------------------------------------------------------

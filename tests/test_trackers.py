@@ -113,6 +113,8 @@ def reference(user, mlflow_server) -> Path:
     result = user("resnet-train", *RUN, *all_trackers(mlflow_server), "logger.mlflow.log_checkpoint=true",
                   "hydra.run.dir=runs/reference")
     assert_ok(result)
+    output = result.stdout + result.stderr
+    assert "View run" not in output and "wandb" not in output.lower(), output  # (the libraries' own lines)
     return user.cwd / "runs" / "reference"
 
 
