@@ -6,8 +6,8 @@ The environment travels with every result. A tracker that cannot be used is one 
 from __future__ import annotations
 
 import csv
-import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -231,6 +231,16 @@ def test_a_killed_and_resumed_run_holds_every_step_once(reference, user, mlflow_
     assert len(set(mlflow_server.client().search_runs(
         [mlflow_server.client().get_experiment_by_name("resnet-train").experiment_id],
         filter_string=f"attributes.run_name = '{name}'"))) == 1
+
+
+def test_logger_given_with_resume_replaces_the_runs_trackers(reference, user, mlflow_server):
+    """A run whose server is gone continues without it: `logger=` with `resume=` chooses anew."""
+    shutil.copytree(reference, user.cwd / "runs" / "no-server")
+    assert_ok(user("resnet-train", "resume=runs/no-server", "epochs=3", "logger=[tensorboard,csv]"))
+    ckpt = torch.load(user.cwd / "runs" / "no-server" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["trackers"] == {} and set(ckpt["config"]["logger"]) == {"tensorboard", "csv"}
+    assert [int(r["epoch"]) for r in csv_rows(user.cwd / "runs" / "no-server")] == [1, 2, 3]
+    assert max(s for s, _ in mlflow_server.history("runs/reference")["train/loss"]) == 12  # (not continued)
 
 
 def test_an_unreachable_tracker_is_one_line_before_any_data_is_read(user):
