@@ -73,6 +73,9 @@ class Tracker:
         self.metrics(values, step)
     def finish(self, best_checkpoint: Path | None) -> None: ...
     def close(self) -> None: ...
+    def failure(self, error: Exception) -> str:
+        """What went wrong, in a few words (the warning when it fails mid-run)."""
+        return first_line(error)
 
 
 class Trackers:
@@ -112,8 +115,8 @@ class Trackers:
                 getattr(tracker, method)(*args)
             except Exception as e:  # noqa: BLE001 (a service's failure of any kind must not end the training)
                 self.active.remove(tracker)
-                log.warning(f"logger.{tracker.name} failed ({first_line(e)}); the run goes on without it (its results "
-                            "are still in metrics.json)")
+                log.warning(f"logger.{tracker.name} failed ({tracker.failure(e)}); the run goes on without it (its "
+                            "results are still in metrics.json)")
 
 
 def open_trackers(chosen: dict[str, Any], run: TrackedRun) -> Trackers:
@@ -196,14 +199,15 @@ class MlflowTracker(Tracker):
         mlflow = _library("mlflow")
         from mlflow.tracking import MlflowClient
 
-        _quiet("mlflow", "alembic", "urllib3")
+        _quiet("mlflow", "alembic")
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # (its retries, a line each)
         for var, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(var, value)
-        uri = settings.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        self.uri = settings.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
         self.settings, self.finished, self.held = settings, False, {}
         self.new = "mlflow" not in run.ids
         try:
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client = MlflowClient(tracking_uri=self.uri)
             if self.new:
                 experiment = self.client.get_experiment_by_name(settings["experiment"])
                 experiment_id = (experiment.experiment_id if experiment is not None
@@ -214,8 +218,14 @@ class MlflowTracker(Tracker):
                 self.client.update_run(self.run_id, status="RUNNING")
                 self.held = self._held_steps()
         except Exception as e:  # noqa: BLE001 (the library's errors have no common class)
-            raise TrackerError(f"logger=mlflow: cannot use the tracking server {uri} ({first_line(e)}); start it or "
-                               "set logger.mlflow.tracking_uri (or MLFLOW_TRACKING_URI)") from None
+            raise TrackerError(f"logger=mlflow: {self.failure(e)}; start it or set logger.mlflow.tracking_uri (or "
+                               "MLFLOW_TRACKING_URI)") from None
+
+    def failure(self, error: Exception) -> str:
+        text = str(error)
+        if any(s in text for s in ("Max retries exceeded", "Connection refused", "timed out", "Failed to resolve")):
+            return f"the tracking server {self.uri} does not answer"
+        return f"the tracking server {self.uri}: {first_line(error)}"
 
     def _held_steps(self) -> dict[str, int]:
         """Each metric's last step in the run (a killed session may have sent steps after its checkpoint)."""
