@@ -360,6 +360,15 @@ _WANDB_BLOCK = 32768
 def wandb_history(folder: Path, run_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(step, {key: value}) of every history row in the run's files under `folder` (W&B's `dir`),
     oldest file first."""
+    for record in wandb_records(folder, run_id):
+        if record.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            step = record.history.step.num if record.history.HasField("step") else row.get("_step")
+            yield int(step if step is not None else row["_step"]), row
+
+
+def wandb_records(folder: Path, run_id: str) -> Iterator[Any]:
+    """The protobuf records (run, config, history, ...) of the run's files under `folder`, oldest first."""
     from wandb.proto import wandb_internal_pb2
 
     for path in sorted(Path(folder).glob(f"*-{run_id}/run-{run_id}.wandb"), key=lambda p: p.parent.name):
@@ -369,11 +378,7 @@ def wandb_history(folder: Path, run_id: str) -> Iterator[tuple[int, dict[str, An
                 record.ParseFromString(data)
             except Exception:  # noqa: BLE001 (a torn last record of a killed run)
                 break
-            if record.WhichOneof("record_type") != "history":
-                continue
-            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            step = record.history.step.num if record.history.HasField("step") else row.get("_step")
-            yield int(step if step is not None else row["_step"]), row
+            yield record
 
 
 def _wandb_records(data: bytes) -> Iterator[bytes]:

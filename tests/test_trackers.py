@@ -6,6 +6,7 @@ The environment travels with every result. A tracker that cannot be used is one 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from conftest import Runner, assert_ok, assert_one_error, events, metrics_of
 
 from resnet_train.config import validate
 from resnet_train.errors import ConfigError
-from resnet_train.trackers import wandb_history
+from resnet_train.trackers import wandb_history, wandb_records
 
 RUN = ["model=resnet20", "epochs=2", "batch_size=32", "log_every_n_steps=2", "num_workers=0", "seed=3",
        "dataset.val_size=40", "tensorboard.images=false", "progress=false"]
@@ -111,7 +112,7 @@ def all_trackers(server: MlflowServer) -> list[str]:
 def reference(user, mlflow_server) -> Path:
     """An uninterrupted run with every tracker (best.pt uploaded to MLflow)."""
     result = user("resnet-train", *RUN, *all_trackers(mlflow_server), "logger.mlflow.log_checkpoint=true",
-                  "hydra.run.dir=runs/reference")
+                  "logger.wandb.log_checkpoint=true", "hydra.run.dir=runs/reference")
     assert_ok(result)
     output = result.stdout + result.stderr
     assert "View run" not in output and "wandb" not in output.lower(), output  # (the libraries' own lines)
@@ -179,6 +180,16 @@ def test_mlflow_run_has_the_hyperparameters_environment_config_and_best_checkpoi
     assert {"config.yaml", "checkpoints"} <= artifacts
     stored = [a.path for a in mlflow_server.client().list_artifacts(run.info.run_id, "checkpoints")]
     assert stored == ["checkpoints/best.pt"]
+
+
+def test_wandb_run_has_the_name_hyperparameters_and_environment(reference):
+    run_id = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["trackers"]["wandb"]
+    records = list(wandb_records(reference / "wandb", run_id))
+    assert {r.run.display_name for r in records if r.WhichOneof("record_type") == "run"} == {"runs/reference"}
+    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "config"
+              for item in r.config.update}
+    assert config["model"] == "resnet20" and config["environment"]["torch"] == torch.__version__
+    assert any(r.WhichOneof("record_type") == "artifact" for r in records)  # (best.pt, log_checkpoint=true)
 
 
 def test_the_environment_is_in_metrics_json_and_tensorboard(reference):
