@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 
 from . import runs, sweep, world  # sweep registers the job-name resolver train.yaml uses
 from .composing import hydra_error
-from .config import (CONFIG_GROUPS, CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, PATTERN_KEYS, PREDICT_KEYS, Key,
-                     duration_seconds, override_key)
+from .config import (CONFIG_GROUPS, CONFIG_MODULE, EVAL_KEYS, EXPORT_KEYS, KEYS, LIST_GROUPS, PATTERN_KEYS,
+                     PREDICT_KEYS, Key, duration_seconds, override_key)
 from .errors import ConfigError, Refused, UserError, is_out_of_memory
 from .files import STORAGE_ERRNOS, storage_error
 
@@ -77,7 +77,8 @@ def run_command(command: Callable[[], Any], program: str = "resnet-train", keys:
 
 def _check_command_line(args: list[str], program: str) -> None:
     """Mistakes Hydra would answer with its usage text, or not at all: an unknown option, and a list
-    of a config group's choices without -m (Hydra merges them all: the last one wins)."""
+    of a config group's choices without -m (Hydra merges them all: the last one wins) -- except
+    for the groups that take several at once (logger=[tensorboard,mlflow])."""
     from hydra._internal.utils import get_args_parser
 
     unknown = [a for a in get_args_parser().parse_known_args(args)[1] if a.startswith("-")]
@@ -88,7 +89,8 @@ def _check_command_line(args: list[str], program: str) -> None:
         return
     for arg in args:
         key, _, value = arg.partition("=")
-        if key.lstrip("+~") in CONFIG_GROUPS and value.startswith("[") and value.endswith("]"):
+        group = key.lstrip("+~")
+        if group in CONFIG_GROUPS and group not in LIST_GROUPS and value.startswith("[") and value.endswith("]"):
             raise ConfigError(f"{arg}: one run takes one {key}; to run each, sweep them with -m: "
                               f"{program} -m {key}={value[1:-1]}")
 

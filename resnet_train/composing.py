@@ -49,9 +49,11 @@ def hydra_error(e: Exception, program: str = "resnet-train", keys: dict[str, Key
         reason = [line for line in e.message.splitlines() if line and not line.startswith(("Error parsing", "See "))]
         return ConfigError(f"{e.override}: cannot be parsed ({'; '.join(reason) or 'bad syntax'}); quote values "
                            "with special characters, e.g. 'key=\"a b\"'")
-    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
-        group, _, option = e.missing_cfg_file.rpartition("/")
-        return ConfigError(f"{group}={option}: no such option; choose one of {', '.join(sorted(e.options))}")
+    missing = e.missing_cfg_file if isinstance(e, MissingConfigException) else None
+    if missing and (e.options is not None or "/" in missing):
+        group, _, option = missing.rpartition("/")
+        options = e.options if e.options is not None else _options(group)  # (none given for one of a list)
+        return ConfigError(f"{group}={option}: no such option; choose one of {', '.join(sorted(options))}")
     if text.startswith("Could not override '"):
         key = text.split("'")[1]
         value = text.split("use +", 1)[-1].split("=", 1)[-1].strip()
@@ -60,6 +62,16 @@ def hydra_error(e: Exception, program: str = "resnet-train", keys: dict[str, Key
         cause = str(e.__cause__).strip().splitlines()[0]
         return ConfigError(f"{text.removeprefix('Error merging override ')}: {cause}")
     return ConfigError(text.split("\nConfig search path")[0].replace("\n", " ").strip())
+
+
+def _options(group: str) -> list[str]:
+    """The options of a config group (its YAML files)."""
+    from importlib.resources import files
+
+    folder = files(CONFIG_MODULE).joinpath(*group.split("/"))
+    if not folder.is_dir():
+        return []
+    return [p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")]
 
 
 def _no_such_key(key: str, value: str, program: str, keys: dict[str, Key]) -> str:

@@ -52,6 +52,8 @@ EARLY_STOPPING_METRICS = ("val_accuracy", "val_loss")
 EVAL_SPLITS = ("test", "val")
 EXPORT_FORMATS = ("onnx", "torchscript", "state_dict")
 MIN_OPSET = 18  # the dynamo ONNX exporter's oldest opset
+LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")  # the logger group's options (several at once)
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +160,15 @@ def choice(choices: Iterable[Any], **role: Any) -> Key:
     return Key(one_of(*choices), either(choices), **role)
 
 
+def text(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def tracker_key(test: Callable[[Any], bool], expected: str) -> Key:
+    """A key of one option of the logger group: there when that tracker is chosen, changeable on resume."""
+    return Key(test, expected, resumable=True, required=False)
+
+
 YES_NO = "true or false"
 KEYS: dict[str, Key] = {
     # the run
@@ -204,6 +215,16 @@ KEYS: dict[str, Key] = {
     "tensorboard.confusion_every_n_epochs": Key(non_negative_int, "a non-negative integer", resumable=True),
     "tensorboard.histograms_every_n_epochs": Key(non_negative_int, "a non-negative integer", resumable=True),
     "tensorboard.mistakes": Key(non_negative_int, "a non-negative integer", resumable=True),
+    # trackers (the logger group, several at once: only the chosen ones' keys are there)
+    "logger.tensorboard": tracker_key(lambda v: v == {}, "no keys (TensorBoard's settings are tensorboard.*)"),
+    "logger.csv": tracker_key(lambda v: v == {}, "no keys (the file is <run dir>/metrics.csv)"),
+    "logger.mlflow.tracking_uri": tracker_key(optional(text), "null or a tracking URI, e.g. http://127.0.0.1:5000"),
+    "logger.mlflow.experiment": tracker_key(text, "an experiment name"),
+    "logger.mlflow.log_checkpoint": tracker_key(boolean, YES_NO),
+    "logger.wandb.project": tracker_key(text, "a project name"),
+    "logger.wandb.entity": tracker_key(optional(text), "null or a W&B entity (a user or team)"),
+    "logger.wandb.mode": tracker_key(one_of(*WANDB_MODES), either(WANDB_MODES)),
+    "logger.wandb.log_checkpoint": tracker_key(boolean, YES_NO),
     # the model
     "model._target_": Key(lambda v: isinstance(v, str), "a model factory", hparam="model"),
     "model.stem": choice(STEMS, hparam="stem"),
@@ -275,7 +296,8 @@ KEYS: dict[str, Key] = {
     "scheduler.pct_start": Key(number_in(0, 1, low_open=True), "a number in (0, 1)", required=False),
 }
 CHOSEN_GROUPS = ("model", "dataset", "optim", "scheduler")  # keys differ between options
-CONFIG_GROUPS = (*CHOSEN_GROUPS, "augment", "experiment", "hparams_search")  # the folders of configs/
+LIST_GROUPS = ("logger",)  # several options at once: logger=[tensorboard,mlflow]
+CONFIG_GROUPS = (*CHOSEN_GROUPS, "augment", "experiment", "hparams_search", *LIST_GROUPS)  # the folders of configs/
 OPEN_GROUPS = ("optim", "scheduler")  # any constructor argument may be added (+optim.betas=...)
 RESUMABLE = frozenset(k for k, v in KEYS.items() if v.resumable)
 

@@ -48,6 +48,10 @@ class StorageError(UserError):
     """A file could not be written: the disk is full, the folder is read-only, ..."""
 
 
+class TrackerError(UserError):
+    """A tracker (MLflow, W&B) that cannot be used when the run starts: not answering, not logged in."""
+
+
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from . import runs, world
 from .composing import train_defaults
-from .config import RESUMABLE, validate
+from .config import LIST_GROUPS, RESUMABLE, override_key, validate
 from .errors import ConfigError, Refused, UserError
 from .files import remove_stale_temporaries
 from .run_state import EarlyStopping, TrainState
@@ -95,6 +95,11 @@ def _resumed_config(ckpt: dict, given: DictConfig, overrides: list[str]) -> Dict
     resumed = apply_command_line(ckpt["config"], OmegaConf.masked_copy(given, [k for k in given if k != "hydra"]),
                                  train_defaults(), overrides, RESUMABLE.__contains__, RESUME_REFUSAL)
     resumed.resume = given.resume
+    if any(override_key(o) in LIST_GROUPS for o in overrides):  # (the trackers chosen now, not added to the run's)
+        for group in LIST_GROUPS:
+            resumed.pop(group, None)
+            if group in given:
+                resumed[group] = given[group]
     validate(resumed, of_stored_run=True)
     return resumed
 

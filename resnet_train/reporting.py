@@ -8,9 +8,13 @@ training step everywhere, so a resumed run purges whatever a killed one logged a
   accuracy_top5/val                                    with more than 5 classes
   train/loss, train/lr                                 every `log_every_n_steps` steps
   epoch, lr, throughput/images_per_second              at each epoch's last step
+  test_class_f1/<class>                                each class's F1 on the test split (beside metrics/*)
   metrics/*                                            final metrics (at the step after the last
                                                        training step), shown in the HPARAMS tab
   config                                               the composed config (TEXT tab)
+  environment                                          versions, device, CPU, commit, host, command
+                                                       (TEXT tab; each session's, at its first step)
+The same scalars, under the same tags at the same steps, go to the chosen trackers (trackers.py).
 With `tensorboard.images` (IMAGES tab):
   train/augmented_samples                              a grid of augmented training images, at the start
   val/confusion_matrix, val_class_accuracy/<class>     every `confusion_every_n_epochs` epochs
@@ -34,7 +38,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import custom_scalars, hparams
 from torchvision.utils import make_grid
 
+from .environment import as_markdown
 from .files import storage_error, write_json
+from .runs import checkpoint_file
+from .trackers import Trackers
 
 log = logging.getLogger("resnet_train")
 
@@ -108,19 +115,26 @@ class ImageSettings:
 
 
 class RunReporter:
-    """Console + TensorBoard + metrics.json for one training run."""
+    """Console + TensorBoard + metrics.json + the chosen trackers (trackers.py) for one training run."""
 
     def __init__(self, run_dir: Path, config_yaml: str, hparam_values: dict[str, Any], epochs: int,
-                 resume_step: int | None = None, settings: ImageSettings | None = None):
+                 resume_step: int | None = None, settings: ImageSettings | None = None,
+                 trackers: Trackers | None = None, environment: dict[str, Any] | None = None,
+                 tensorboard: bool = True):
         """A new run writes its headers (config, chart layout, hparams); a resumed one (`resume_step`
-        = the checkpoint's global step) continues the same event stream, hiding later events."""
+        = the checkpoint's global step) continues the same event stream, hiding later events. The
+        trackers get the hyperparameters, the environment and the config either way (each keeps
+        what its run already holds); `tensorboard=False`: no event files."""
         self.run_dir, self.epochs = run_dir, epochs
         self.settings = settings or ImageSettings([], None, None, images=False)
+        self.trackers, self.environment = trackers or Trackers([]), environment or {}
+        self.writer = self._writer(run_dir, resume_step, tensorboard)
+        if self.environment:  # (each session's, at the step it starts from)
+            self.writer.add_text("environment", as_markdown(self.environment), resume_step or 0)
+        self.trackers.start(hparam_values, self.environment, config_yaml)
         if resume_step is not None:
-            _after_earlier_event_files(run_dir)
-            self.writer = _StorageChecked(SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1))
+            self.writer.flush()
             return
-        self.writer = _StorageChecked(SummaryWriter(log_dir=str(run_dir)))
         self.writer.add_text("config", "    " + config_yaml.replace("\n", "\n    "), 0)  # markdown code block
         self.writer.file_writer.add_summary(custom_scalars({
             "train vs val": {
@@ -134,27 +148,32 @@ class RunReporter:
             self.writer.file_writer.add_summary(summary)
         self.writer.flush()
 
+    @staticmethod
+    def _writer(run_dir: Path, resume_step: int | None, tensorboard: bool) -> Any:
+        if not tensorboard:
+            return _NoWriter()
+        if resume_step is None:
+            return _StorageChecked(SummaryWriter(log_dir=str(run_dir)))
+        _after_earlier_event_files(run_dir)
+        return _StorageChecked(SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1))
+
     def info(self, message: str) -> None:
         log.info(message)
 
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
     def train_step(self, step: int, loss: float, lr: float) -> None:
-        self.writer.add_scalar("train/loss", loss, step)
-        self.writer.add_scalar("train/lr", lr, step)
+        values = {"train/loss": loss, "train/lr": lr}
+        self._scalars(values, step)
+        self.trackers.metrics(values, step)
 
     def epoch(self, step: int, row: dict) -> None:
-        w = self.writer
-        w.add_scalar("loss/train", row["train_loss"], step)
-        w.add_scalar("accuracy/train", row["train_accuracy"], step)
-        for name in ("val", "val_ema"):
-            if row.get(f"{name}_loss") is not None:
-                w.add_scalar(f"loss/{name}", row[f"{name}_loss"], step)
-                w.add_scalar(f"accuracy/{name}", row[f"{name}_accuracy"], step)
-        if row.get("val_top5_accuracy") is not None:
-            w.add_scalar("accuracy_top5/val", row["val_top5_accuracy"], step)
-        w.add_scalar("epoch", row["epoch"], step)
-        w.add_scalar("lr", row["lr"], step)
-        w.add_scalar("throughput/images_per_second", row["images_per_second"], step)
-        w.flush()
+        values = epoch_scalars(row)
+        self._scalars(values, step)
+        self.writer.flush()
+        self.trackers.epoch(values, step)
         val = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:6.2%}" if row["val_loss"] is not None
                else "no validation")
         if row.get("val_ema_accuracy") is not None:
@@ -178,8 +197,10 @@ class RunReporter:
         """`grad_scale`: what the last step's gradients are still multiplied by (fp16's loss scale)."""
         s = self.settings
         if s.images and s.confusion_every and epoch % s.confusion_every == 0:
-            for name, accuracy in zip(s.classes, result.per_class_accuracy):
-                self.writer.add_scalar(f"val_class_accuracy/{name}", accuracy, step)
+            values = {f"val_class_accuracy/{name}": accuracy
+                      for name, accuracy in zip(s.classes, result.per_class_accuracy)}
+            self._scalars(values, step)
+            self.trackers.metrics(values, step)
             self.writer.add_figure("val/confusion_matrix", confusion_figure(result.confusion, s.classes), step)
         if s.histograms_every and epoch % s.histograms_every == 0:
             for name, p in model.named_parameters():
@@ -199,18 +220,42 @@ class RunReporter:
         self.writer.flush()
 
     def write_metrics(self, metrics: dict, history: list[dict]) -> None:
-        write_json(self.run_dir / "metrics.json", {**metrics, "history": history})
+        write_json(self.run_dir / "metrics.json", {**metrics, "environment": self.environment, "history": history})
 
     def finish(self, metrics: dict, history: list[dict], step: int) -> None:
-        for key in HPARAM_METRICS:
-            if metrics.get(key) is not None:
-                self.writer.add_scalar(f"metrics/{key}", metrics[key], step)
+        values = {f"metrics/{key}": metrics[key] for key in HPARAM_METRICS if metrics.get(key) is not None}
+        values |= {f"test_class_f1/{name}": scores["f1"] for name, scores in (metrics.get("test_per_class") or {}).items()}
+        self._scalars(values, step)
         self.writer.file_writer.add_summary(hparams({}, {})[2])  # session end: status success
         self.writer.flush()
         self.write_metrics(metrics, history)
+        self.trackers.metrics(values, step)
+        self.trackers.finish(checkpoint_file(self.run_dir, "best"))
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        finally:
+            self.trackers.close()
+
+
+def epoch_scalars(row: dict) -> dict[str, float]:
+    """An epoch's line of metrics.json's history as TensorBoard's scalars (tag -> value)."""
+    values = {"loss/train": row["train_loss"], "accuracy/train": row["train_accuracy"]}
+    for name in ("val", "val_ema"):
+        if row.get(f"{name}_loss") is not None:
+            values[f"loss/{name}"] = row[f"{name}_loss"]
+            values[f"accuracy/{name}"] = row[f"{name}_accuracy"]
+    if row.get("val_top5_accuracy") is not None:
+        values["accuracy_top5/val"] = row["val_top5_accuracy"]
+    return {**values, "epoch": row["epoch"], "lr": row["lr"], "throughput/images_per_second": row["images_per_second"]}
+
+
+class _NoWriter:
+    """SummaryWriter's place when TensorBoard is not among the chosen loggers: writes nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self if name == "file_writer" else (lambda *args, **kwargs: None)
 
 
 class _StorageChecked:

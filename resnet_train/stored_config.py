@@ -10,7 +10,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from .composing import train_defaults
-from .config import CHOSEN_GROUPS, is_int, leaves, override_key
+from .config import CHOSEN_GROUPS, LIST_GROUPS, is_int, leaves, override_key
 from .errors import ConfigError
 
 _ABSENT = object()
@@ -32,7 +32,7 @@ def in_current_schema(stored: dict) -> dict:
             continue
         if key not in config:
             config[key] = default
-        elif isinstance(default, dict) and key not in CHOSEN_GROUPS:  # (a group's keys depend on its choice)
+        elif isinstance(default, dict) and key not in CHOSEN_GROUPS + LIST_GROUPS:  # (a group's keys: its choice's)
             config[key] = {**default, **config[key]}
     return config
 

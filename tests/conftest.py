@@ -136,8 +136,8 @@ SITECUSTOMIZE = textwrap.dedent("""
 
 # The test files, longest first (measured on the 2-core machine): pytest-xdist hands whole files to
 # its two workers in this order (--no-loadscope-reorder), so they finish together.
-LONGEST_FIRST = ["test_readme", "test_accuracy", "test_export", "test_distributed", "test_faults", "test_cli",
-                 "test_sweep", "test_transfer", "test_config", "test_resume", "test_engine", "test_packaging",
+LONGEST_FIRST = ["test_readme", "test_accuracy", "test_export", "test_distributed", "test_faults", "test_trackers",
+                 "test_cli", "test_sweep", "test_transfer", "test_config", "test_resume", "test_engine", "test_packaging",
                  "test_models", "test_portability", "test_augment", "test_data", "test_layout"]
 
 

@@ -18,7 +18,8 @@ from PIL import Image
 RUN = ["model=resnet20", "epochs=2", "batch_size=32", "log_every_n_steps=2", "num_workers=0", "seed=2",
        "dataset.val_size=40", "checkpoint.every_n_steps=4", "tensorboard.confusion_every_n_epochs=0",
        "tensorboard.mistakes=4"]
-TIMING = {"wall_seconds", "images_per_second", "train_seconds", "epoch_seconds"}
+TIMING = {"wall_seconds", "images_per_second", "train_seconds", "epoch_seconds",
+          "environment"}  # (not computed: each session's own, its command line resume=...)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -11,12 +12,12 @@ import shlex
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .. import budget, distributed, pause, preflight, runs, world
+from .. import budget, distributed, environment, pause, preflight, runs, world
 from ..build import build_model, describe_model, load_data, seed_everything, training_step, wrap_for_training
 from ..checkpoint import RunCheckpoints, check_classes, load_checkpoint, restore_training
 from ..config import duration_seconds, hparam_values
@@ -27,7 +28,8 @@ from ..errors import ConfigError, PeerLost, UserError, first_line
 from ..fit import Cadence, EvalSettings, Fit
 from ..reporting import ImageSettings, RunReporter, SilentReporter
 from ..run_state import EarlyStopping, TrainState
-from ..sweep import swept_keys
+from ..sweep import in_sweep, swept_keys
+from ..trackers import TrackedRun, Trackers, open_trackers
 
 log = logging.getLogger("resnet_train")
 
@@ -81,6 +83,16 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
              f"channels_last={use_channels_last(cfg.channels_last, device)}"
              + (f"; {this.world_size} processes (DistributedDataParallel), global batch {cfg.batch_size}"
                 if this.enabled else ""))
+    trackers = _open_trackers(plan, run_dir) if this.is_main else None  # (before any data is read)
+    try:
+        return _train_with(plan, run_dir, started_at, trackers)
+    finally:
+        if trackers is not None:
+            trackers.close()
+
+
+def _train_with(plan: preflight.Plan, run_dir: Path, started_at: float, trackers: Trackers | None) -> dict:
+    cfg, device, precision, this = plan.config, plan.device, plan.precision, plan.world
     seed_everything(cfg.seed)
     data, model = _data_and_model(plan, run_dir)
     if cfg.epochs == "auto":
@@ -101,9 +113,11 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
     step.model = wrap_for_training(model, cfg, device)
     stored_cfg = OmegaConf.to_container(cfg, resolve=True)
     stored_cfg["dataset"].update(mean=data.mean, std=data.std)  # computed statistics are part of the run
-    reporter = _reporter(cfg, stored_cfg, data, precision.name, run_dir, plan) if this.is_main else SilentReporter()
-    checkpoints = RunCheckpoints(run_dir, step, _checkpoint_metadata(stored_cfg, data, precision), device,
-                                 writer=this.is_main, resumed_from=plan.resumed_state)
+    reporter = (_reporter(cfg, stored_cfg, data, precision.name, run_dir, plan, trackers) if this.is_main
+                else SilentReporter())
+    metadata = _checkpoint_metadata(stored_cfg, data, precision, trackers.ids() if trackers is not None else {})
+    checkpoints = RunCheckpoints(run_dir, step, metadata, device, writer=this.is_main,
+                                 resumed_from=plan.resumed_state)
     try:
         with GracefulStop() as stop:
             cadence = Cadence(cfg.log_every_n_steps, cfg.checkpoint.every_n_steps,
@@ -127,12 +141,37 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
     return metrics
 
 
-def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision) -> dict:
-    """What every checkpoint carries besides the training state: what evaluation and prediction need."""
-    layout = getattr(data.train, "layout", None)  # (shards: what an epoch's order depends on)
+def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision, tracker_ids: dict[str, str]) -> dict:
+    """What every checkpoint carries besides the training state: what evaluation and prediction need,
+    the trackers' run ids (a resume continues the same tracker runs) and, for shards, what an epoch's
+    order depends on."""
+    layout = getattr(data.train, "layout", None)
     return {"config": stored_cfg, "classes": data.classes, "precision": precision.name, "storage": data.storage,
             "normalization": {"mean": data.mean, "std": data.std, "image_size": data.image_size,
-                              "stored_size": data.stored_size}, **({"stream_layout": layout} if layout else {})}
+                              "stored_size": data.stored_size}, "trackers": tracker_ids,
+            **({"stream_layout": layout} if layout else {})}
+
+
+@contextlib.contextmanager
+def _left_unstarted(plan: preflight.Plan, run_dir: Path) -> Iterator[None]:
+    """A new run that fails before training (bad data, a tracker that does not answer) leaves no run
+    dir behind."""
+    try:
+        yield
+    except UserError:
+        if plan.checkpoint is None and plan.world.is_main and not swept_keys():
+            runs.discard_unstarted(run_dir)
+        raise
+
+
+def _open_trackers(plan: preflight.Plan, run_dir: Path) -> Trackers:
+    """The chosen trackers, started (a resumed run's: the runs its checkpoint names, reopened)."""
+    resumed = plan.resumed_state
+    run = TrackedRun(run_dir, run_dir.name if in_sweep() else _shown(run_dir),
+                     resumed.global_step if resumed is not None else None,
+                     dict(plan.checkpoint.get("trackers") or {}) if plan.checkpoint is not None else {})
+    with _left_unstarted(plan, run_dir):
+        return open_trackers(OmegaConf.to_container(plan.config.get("logger") or {}), run)
 
 
 def _peer_lost(error: RuntimeError, run_dir: Path, this: world.World) -> str:
@@ -172,7 +211,7 @@ def _finished_metrics(run_dir: Path) -> dict | None:
 def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn.Module]:
     """The data and the model; a new run that fails here (bad data, say) leaves no run dir behind."""
     cfg, this, ckpt = plan.config, plan.world, plan.checkpoint
-    try:
+    with _left_unstarted(plan, run_dir):
         # dataset.loader=auto decides by the memory free when a run starts; its resume keeps that
         # decision (memory and stream shuffle from different generators), whatever it finds free.
         kept = ckpt.get("storage") if ckpt is not None and cfg.dataset.get("loader") == "auto" else None
@@ -190,10 +229,6 @@ def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn
             check_classes(ckpt["classes"], data.classes, cfg.resume)
             _check_stream_layout(ckpt, data)
         model = build_model(cfg, len(data.classes), plan.device, load_pretrained=ckpt is None)
-    except UserError:
-        if ckpt is None and this.is_main and not swept_keys():
-            runs.discard_unstarted(run_dir)
-        raise
     log.info(f"Model: {describe_model(cfg, model)}")
     return data, model
 
@@ -233,13 +268,16 @@ def _epochs_for_budget(cfg: DictConfig, model: torch.nn.Module, data: Data, prec
 
 
 def _reporter(cfg: DictConfig, stored_cfg: dict, data: Data, precision: str, run_dir: Path,
-              plan: preflight.Plan) -> RunReporter:
+              plan: preflight.Plan, trackers: Trackers | None) -> RunReporter:
     tb, resumed = cfg.tensorboard, plan.resumed_state
+    with_tensorboard = "tensorboard" in (cfg.get("logger") or {})
     reporter = RunReporter(run_dir, OmegaConf.to_yaml(stored_cfg), hparam_values(cfg, precision, swept_keys()),
                            cfg.epochs, resume_step=resumed.global_step if resumed is not None else None,
                            settings=ImageSettings(data.classes, data.mean, data.std, tb.images,
-                                                  tb.confusion_every_n_epochs, tb.histograms_every_n_epochs))
-    if resumed is None and tb.images:
+                                                  tb.confusion_every_n_epochs, tb.histograms_every_n_epochs),
+                           trackers=trackers, environment=environment.collect(plan.device),
+                           tensorboard=with_tensorboard)
+    if resumed is None and tb.images and with_tensorboard:
         data.train.set_epoch(0)  # epoch 0 is never trained: drawing its first batch changes nothing
         reporter.augmented_samples(next(iter(data.train))[0])
     return reporter
