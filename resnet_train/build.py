@@ -199,14 +199,9 @@ def class_weights(cfg: DictConfig, class_counts: list[int] | None, device: torch
     given = cfg.loss.class_weights
     if given is None:
         return None
-    if given == "balanced":
-        if class_counts is None:
-            raise ConfigError("loss.class_weights=balanced needs each class's count, which streamed shards do not "
-                              "give before training: give the weights, loss.class_weights=[...]")
+    if given == "balanced":  # (config.check_class_balance: the source gives the counts)
         counts = torch.tensor(class_counts, dtype=torch.float32).clamp(min=1)
         return (counts.sum() / (len(counts) * counts)).to(device)
-    if class_counts is not None and len(given) != len(class_counts):
-        raise ConfigError(f"loss.class_weights has {len(given)} weights for {len(class_counts)} classes")
     return torch.tensor(list(given), dtype=torch.float32, device=device)
 
 

@@ -104,10 +104,6 @@ def positive_number(v: Any) -> bool:
     return is_number(v) and v > 0
 
 
-def text(v: Any) -> bool:
-    return isinstance(v, str) and v != ""
-
-
 def optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or test(v)
 
@@ -158,10 +154,6 @@ def choice(choices: Iterable[Any], **role: Any) -> Key:
     """A key whose value is one of `choices`."""
     choices = tuple(choices)
     return Key(one_of(*choices), either(choices), **role)
-
-
-def text(v: Any) -> bool:
-    return isinstance(v, str) and v != ""
 
 
 def tracker_key(test: Callable[[Any], bool], expected: str) -> Key:
@@ -368,6 +360,7 @@ def validate(cfg: DictConfig, of_stored_run: bool = False) -> None:
                 raise ConfigError(f"{group}.{name}={value!r} is invalid: expected {_expected(cfg[group], name)}")
     check_model_options(cfg, of_stored_run)
     check_augment_sizes(cfg)
+    check_class_balance(cfg)
     if cfg.epochs == "auto" and cfg.time_budget is None and not of_stored_run:
         raise ConfigError("epochs=auto needs time_budget: time_budget=10m epochs=auto trains as many epochs as "
                           "fit in 10 minutes")
@@ -431,6 +424,27 @@ def check_model_options(cfg: DictConfig, of_stored_run: bool = False) -> None:
     if pretrained == "imagenet" and cfg.model.stem == "cifar":
         raise ConfigError("model.pretrained=imagenet was trained with the imagenet stem (7x7 conv + max-pool); "
                           "leave model.stem=auto or set model.stem=imagenet")
+
+
+def check_class_balance(cfg: DictConfig) -> None:
+    """Balancing by class counts needs them before training: streamed shards give none (and are read
+    in order, not drawn by index)."""
+    if cfg.dataset.name != "webdataset":
+        return
+    if cfg.sampler == "balanced":
+        raise ConfigError("sampler=balanced: shards are read in order, not drawn by index; weigh the classes with "
+                          "loss.class_weights=[...] instead")
+    if cfg.loss.class_weights == "balanced":
+        raise ConfigError("loss.class_weights=balanced needs each class's count, which shards do not give before "
+                          "training: give the weights, loss.class_weights=[...]")
+
+
+def check_class_weights(cfg: DictConfig, num_classes: int) -> None:
+    """A list of class weights has one weight per class (known once the data is read)."""
+    given = cfg.loss.class_weights
+    if isinstance(given, (list, tuple)) or OmegaConf.is_list(given):
+        if len(given) != num_classes:
+            raise ConfigError(f"loss.class_weights has {len(given)} weights for {num_classes} classes")
 
 
 def stored_image_size(dataset: str, image_size: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -48,8 +49,15 @@ def collect(device: torch.device, argv: list[str] | None = None) -> dict[str, st
         "cpu_count": _cpu_count(),
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
-        "command": shlex.join([Path(argv[0]).name, *argv[1:]]) if argv else "",
+        "command": shlex.join([Path(argv[0]).name, *map(_without_secrets, argv[1:])]) if argv else "",
     }
+
+
+def _without_secrets(arg: str) -> str:
+    """A command-line argument as it may be shown with the results: a URL's password (and a token
+    in its query) replaced by ***, as tracking URIs can carry them."""
+    arg = re.sub(r"(://[^/:@\s]+:)[^@/\s]+@", r"\1***@", arg)
+    return re.sub(r"((?:token|password|secret|api_key|apikey)=)[^&\s]+", r"\1***", arg, flags=re.I)
 
 
 def as_markdown(environment: dict) -> str:

@@ -50,9 +50,12 @@ class EvalResult:
 
     @property
     def macro_f1(self) -> float:
-        """The mean of the classes' F1 (every class counts the same, however many images it has)."""
-        scores = [row["f1"] for row in self.per_class([str(i) for i in range(len(self.confusion))]).values()]
-        return sum(scores) / len(scores)
+        """The mean of the classes' F1 (every class counts the same, however many images it has), over
+        the classes the split has or the model predicted (scikit-learn's labels=None)."""
+        rows = self.per_class([str(i) for i in range(len(self.confusion))]).values()
+        present = self.confusion.sum(0) + self.confusion.sum(1) > 0
+        scores = [row["f1"] for row, seen in zip(rows, present.tolist()) if seen]
+        return sum(scores) / max(len(scores), 1)
 
 
 @dataclass

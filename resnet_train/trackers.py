@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import time
 import uuid
@@ -115,6 +116,8 @@ class Trackers:
                 getattr(tracker, method)(*args)
             except Exception as e:  # noqa: BLE001 (a service's failure of any kind must not end the training)
                 self.active.remove(tracker)
+                with contextlib.suppress(Exception):  # (end its run if the service still answers)
+                    tracker.close()
                 log.warning(f"logger.{tracker.name} failed ({tracker.failure(e)}); the run goes on without it (its "
                             "results are still in metrics.json)")
 
@@ -245,7 +248,8 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, step) for k, v in values.items() if step > self.held.get(k, -1)]
+        fresh = [Metric(_mlflow_name(k), float(v), now, step) for k, v in values.items()
+                 if step > self.held.get(_mlflow_name(k), -1)]
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
 
@@ -262,6 +266,12 @@ class MlflowTracker(Tracker):
     def _set_terminated(self, status: str) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # (MLflow prints two lines of links to the run)
             self.client.set_terminated(self.run_id, status)
+
+
+def _mlflow_name(tag: str) -> str:
+    """A TensorBoard tag as MLflow takes a metric's name: letters, digits and `_ - . / space :` only (a
+    class named `cat (tabby)` gives `test_class_f1/cat _tabby_`)."""
+    return re.sub(r"[^\w\-./ :]", "_", tag)
 
 
 # --------------------------------------------------------------------------------------------

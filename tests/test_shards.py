@@ -285,3 +285,19 @@ def test_without_the_extra_one_line_names_it(user, tmp_path, monkeypatch):
     runner = Runner(tmp_path / "work")
     result = runner("resnet-train", *RUN, *data_args(user))
     assert_one_error(result, "pip install 'resnet-train[webdataset]'")
+
+
+def test_files_of_every_format_become_members_that_training_reads(tmp_path):
+    """A folder may hold any format Pillow opens; shards are read by their image keys (jpg, png, ...):
+    .jfif goes in as jpg (its own bytes), a .tga (no such key) as a lossless PNG of it."""
+    from resnet_train.data.shards import IMAGE_KEYS, _member
+
+    image = Image.fromarray(make_images(1, size=16)[0][0])
+    image.save(tmp_path / "a.jfif", "JPEG")
+    image.save(tmp_path / "b.tga")
+    image.save(tmp_path / "c.png")
+    assert _member(str(tmp_path / "a.jfif")) == ("jpg", (tmp_path / "a.jfif").read_bytes())
+    assert _member(str(tmp_path / "c.png")) == ("png", (tmp_path / "c.png").read_bytes())
+    key, data = _member(str(tmp_path / "b.tga"))
+    assert key == "png" and key in IMAGE_KEYS
+    assert list(Image.open(io.BytesIO(data)).convert("RGB").getdata()) == list(image.getdata())

@@ -67,7 +67,7 @@ def test_one_manifest_with_a_split_column_and_file_urls(pics, run_cli):
 
 
 @pytest.mark.parametrize("case", ["missing file", "empty label", "unknown split", "unknown test label",
-                                  "not a manifest", "bad json", "other column names"])
+                                  "not a manifest", "bad json", "other column names", "row of another split"])
 def test_a_bad_row_is_one_line_naming_the_manifest_and_its_line(pics, run_cli, case):
     good = [(str(p), p.parent.name) for p in sorted((pics / "train").rglob("*.*"))[:40]]
     train = write_csv(run_cli.cwd / "train.csv", good)
@@ -85,6 +85,11 @@ def test_a_bad_row_is_one_line_naming_the_manifest_and_its_line(pics, run_cli, c
         write_csv(run_cli.cwd / "test.csv", [(good[0][0], "zebra")])
         args.append("dataset.test=test.csv")
         expected = ("test.csv:2", "label 'zebra'")
+    elif case == "row of another split":
+        write_csv(run_cli.cwd / "test.csv", [(good[0][0], good[0][1], "test"), (good[1][0], good[1][1], "train")],
+                  "path,label,split")
+        args.append("dataset.test=test.csv")
+        expected = ("test.csv:3", "a train row in the manifest given as dataset.test")
     elif case == "other column names":
         write_csv(train, good, "filepath,class")
         expected = ("train.csv:2", "no 'path' column (the columns: filepath, class)", "dataset.path_column")
@@ -160,6 +165,19 @@ def test_a_parquet_folder_with_string_labels_streams(run_cli):
     assert torch.load(run_cli.cwd / "run" / "checkpoints" / "last.pt", weights_only=True)["classes"] == sorted(CLASSES[:4])
 
 
+def test_an_unlabelled_test_split_is_left_out_not_an_error(run_cli):
+    """Hub datasets often hide their test labels (-1): such a split is left out, in a line."""
+    import datasets
+
+    hidden = hf_split(20, 1).cast_column("label", datasets.Value("int64")).map(lambda row: {"label": -1})
+    hidden = hidden.cast_column("label", datasets.ClassLabel(names=CLASSES[:4]))
+    datasets.DatasetDict({"train": hf_split(120, 0), "test": hidden}).save_to_disk(str(run_cli.cwd / "ds"))
+    result = run_cli("resnet-train", *FAST, "epochs=1", "dataset=hf", "dataset.path=ds", "hydra.run.dir=run")
+    assert_ok(result)
+    assert "the test split of ds has no labels" in result.stdout
+    assert metrics_of(run_cli.cwd / "run")["test_accuracy"] is None
+
+
 def test_hugging_face_mistakes_are_one_line(run_cli):
     import datasets
 
@@ -203,6 +221,8 @@ def test_class_weights_and_per_class_scores(small_cifar_root, run_cli, compose_c
     assert scores["a"] == pytest.approx({"accuracy": 0.8, "precision": 8 / 9, "recall": 0.8,
                                          "f1": 2 * (8 / 9) * 0.8 / (8 / 9 + 0.8), "support": 10})
     assert scores["c"] == {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    macro = EvalResult(0.0, 0.0, 14, 0.0, confusion).macro_f1  # (over a and b: c neither occurs nor is predicted)
+    assert macro == pytest.approx((scores["a"]["f1"] + scores["b"]["f1"]) / 2)
     result = run_cli("resnet-train", *FAST, "epochs=1", f"dataset.root={small_cifar_root}", "dataset.val_size=40",
                      "loss.class_weights=balanced", "sampler=balanced", "hydra.run.dir=run")
     assert_ok(result)
@@ -213,6 +233,11 @@ def test_class_weights_and_per_class_scores(small_cifar_root, run_cli, compose_c
     wrong = run_cli("resnet-train", *FAST, f"dataset.root={small_cifar_root}", "dataset.val_size=40",
                     "loss.class_weights=[1,2,3]")
     assert_one_error(wrong, "loss.class_weights has 3 weights for 10 classes")
+    assert not list(run_cli.cwd.glob("outputs/*/*"))  # (refused before training: no run dir left)
+    shards = ["dataset=webdataset", "dataset.train=x-{0..1}.tar", "dataset.classes=[a,b]", "dataset.val_size=0"]
+    assert_one_error(run_cli("resnet-train", *shards, "sampler=balanced"), "sampler=balanced: shards are read in order")
+    assert_one_error(run_cli("resnet-train", *shards, "loss.class_weights=balanced"),
+                     "loss.class_weights=balanced needs each class's count")
 
 
 def test_a_streamed_hugging_face_run_killed_mid_epoch_resumes_exactly(run_cli):

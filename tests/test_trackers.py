@@ -328,3 +328,12 @@ def test_logger_is_a_group_of_several(compose_cfg, run_cli):
     assert_ok(result)
     assert "csv: {}" in result.stdout
     assert_one_error(run_cli("resnet-train", "logger=[tensorboard,neptune]"), "logger=neptune: no such option")
+
+
+def test_mlflow_metric_names_take_any_class_name():
+    """MLflow refuses metric names with characters like ( + , &: a class's tag keeps its other letters."""
+    from resnet_train.trackers import _mlflow_name
+
+    assert _mlflow_name("test_class_f1/cat (tabby)") == "test_class_f1/cat _tabby_"
+    assert _mlflow_name("val_class_accuracy/crème brûlée") == "val_class_accuracy/crème brûlée"
+    assert _mlflow_name("loss/train") == "loss/train"

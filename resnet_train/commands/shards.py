@@ -66,7 +66,7 @@ def training_command(out: Path, written: dict[str, dict[str, int]], classes: lis
     for split, shards in written.items():
         last = len(shards) - 1
         args.append(f"dataset.{split}={out}/{split}-{{000000..{last:06d}}}.tar")
-    names = ",".join(classes)
-    simple = all(c.replace("_", "").replace("-", "").isalnum() for c in classes) and len(names) <= 400
-    args.append(f"dataset.classes=[{names}]" if simple else f"dataset.num_classes={len(classes)}")
+    # Each name quoted for Hydra, which would read 01 as 1 and true as a boolean
+    names = ",".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in classes)
+    args.append(f"dataset.classes=[{names}]" if len(names) <= 400 else f"dataset.num_classes={len(classes)}")
     return " ".join(shlex.quote(a) for a in args)

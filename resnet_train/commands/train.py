@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .. import budget, distributed, environment, pause, preflight, runs, world
 from ..build import build_model, describe_model, load_data, seed_everything, training_step, wrap_for_training
 from ..checkpoint import RunCheckpoints, check_classes, load_checkpoint, restore_training
-from ..config import duration_seconds, hparam_values
+from ..config import check_class_weights, duration_seconds, hparam_values
 from ..data import Data, Shard
 from ..device import Precision, configure_backends, describe, use_channels_last
 from ..engine import TrainingInterrupted
@@ -94,7 +94,7 @@ def _train(plan: preflight.Plan, run_dir: Path, started_at: float) -> dict:
 def _train_with(plan: preflight.Plan, run_dir: Path, started_at: float, trackers: Trackers | None) -> dict:
     cfg, device, precision, this = plan.config, plan.device, plan.precision, plan.world
     seed_everything(cfg.seed)
-    data, model = _data_and_model(plan, run_dir)
+    data, model = _data_and_model(plan, run_dir, trackers)
     if cfg.epochs == "auto":
         cfg.epochs = _epochs_for_budget(cfg, model, data, precision, device, started_at)
     step = training_step(cfg, model, precision, len(data.train) // cfg.accumulate_grad_batches, device,
@@ -153,13 +153,15 @@ def _checkpoint_metadata(stored_cfg: dict, data: Data, precision: Precision, tra
 
 
 @contextlib.contextmanager
-def _left_unstarted(plan: preflight.Plan, run_dir: Path) -> Iterator[None]:
+def _left_unstarted(plan: preflight.Plan, run_dir: Path, trackers: Trackers | None = None) -> Iterator[None]:
     """A new run that fails before training (bad data, a tracker that does not answer) leaves no run
-    dir behind."""
+    dir behind (its trackers closed first: W&B writes into it)."""
     try:
         yield
     except UserError:
         if plan.checkpoint is None and plan.world.is_main and not swept_keys():
+            if trackers is not None:
+                trackers.close()
             runs.discard_unstarted(run_dir)
         raise
 
@@ -208,10 +210,11 @@ def _finished_metrics(run_dir: Path) -> dict | None:
     return json.loads(metrics_file.read_text())
 
 
-def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn.Module]:
+def _data_and_model(plan: preflight.Plan, run_dir: Path,
+                    trackers: Trackers | None = None) -> tuple[Data, torch.nn.Module]:
     """The data and the model; a new run that fails here (bad data, say) leaves no run dir behind."""
     cfg, this, ckpt = plan.config, plan.world, plan.checkpoint
-    with _left_unstarted(plan, run_dir):
+    with _left_unstarted(plan, run_dir, trackers):
         # dataset.loader=auto decides by the memory free when a run starts; its resume keeps that
         # decision (memory and stream shuffle from different generators), whatever it finds free.
         kept = ckpt.get("storage") if ckpt is not None and cfg.dataset.get("loader") == "auto" else None
@@ -225,6 +228,7 @@ def _data_and_model(plan: preflight.Plan, run_dir: Path) -> tuple[Data, torch.nn
             log.info(f"accumulate_grad_batches={cfg.accumulate_grad_batches}: the last "
                      f"{len(data.train) % cfg.accumulate_grad_batches} batch(es) of each epoch are left out "
                      "(an incomplete optimizer step)")
+        check_class_weights(cfg, len(data.classes))
         if ckpt is not None:
             check_classes(ckpt["classes"], data.classes, cfg.resume)
             _check_stream_layout(ckpt, data)

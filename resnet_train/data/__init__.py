@@ -191,9 +191,6 @@ def _read_shards(dataset: DatasetSpec, batching: Batching, device: torch.device,
                         "give validation shards with dataset.val=... (dataset.val_size=0 validates on dataset.test)")
     if dataset.loader == "memory":
         raise DataError("dataset.loader=memory: shards are streamed (dataset.loader=stream or auto)")
-    if batching.sampler == "balanced":
-        raise DataError("sampler=balanced: shards are read in order, not drawn by index; weigh the classes with "
-                        "loss.class_weights=[...] instead")
     classes = [str(c) for c in dataset.classes] if dataset.classes is not None else (
         [str(i) for i in range(dataset.num_classes)] if dataset.num_classes else None)
     if classes is None:
@@ -215,6 +212,10 @@ def _read_shards(dataset: DatasetSpec, batching: Batching, device: torch.device,
             counts, how = count_samples(urls, fmt, batching.num_workers)
             if not sum(counts):
                 raise DataError(f"dataset.{name}={pattern!r}: its {len(urls)} shard(s) hold no samples")
+            empty = [url for url, n in zip(urls, counts) if not n]
+            if name == "train" and empty:  # (a reader dealt only empty shards would wait forever)
+                raise DataError(f"shard {empty[0]} holds no samples ({len(empty)} such in dataset.train): leave it "
+                                "out of the pattern")
             shard_sets[name] = ShardSet(tuple(urls), tuple(counts))
             log(f"dataset.{name}: {len(urls):,} shard(s), {sum(counts):,} images (counted from {how})")
     if splits == {"test"} and "test" not in shard_sets:
@@ -281,7 +282,7 @@ def _list_images(dataset: DatasetSpec, log) -> Listing:
         return _list_manifests(dataset, splits)
     if dataset.name == "hf":
         from .hf import list_hf_dataset  # (imports `datasets` only when asked for)
-        return list_hf_dataset(dataset, splits)
+        return list_hf_dataset(dataset, splits, log)
     return _list_image_folder(Path(dataset.root).expanduser().resolve(), dataset, splits, log)
 
 

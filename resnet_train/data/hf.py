@@ -90,7 +90,7 @@ def _image_column(split: Any, column: str) -> Any:
     return split
 
 
-def list_hf_dataset(dataset: Any, needed: set[str]):
+def list_hf_dataset(dataset: Any, needed: set[str], log) -> Listing:
     """The Listing of the splits a command needs (see data._list_images)."""
     splits = load_splits(dataset.path)
     if "val" in needed and "val" not in splits:  # (held out of train, or the test split)
@@ -110,6 +110,9 @@ def list_hf_dataset(dataset: Any, needed: set[str]):
             raise DataError(f"dataset.label_column={dataset.label_column}: the {name} split has no such column "
                             f"(its columns: {', '.join(split.column_names)})")
         labels = split[dataset.label_column]
+        if name != "train" and all(label is None or label == -1 for label in labels):
+            log(f"the {name} split of {dataset.path} has no labels (-1 or empty, as a hidden test split's): left out")
+            continue
         for row, label in enumerate(labels):
             if index(label) is None:
                 raise DataError(f"row {row} of the {name} split of {dataset.path}: label {label!r} is not one of the "
@@ -119,6 +122,7 @@ def list_hf_dataset(dataset: Any, needed: set[str]):
         check_training_classes(classes, samples["train"], f"the train split of {dataset.path}", lambda name, n: (
             f"the train split of {dataset.path} has no images of class {name!r} ({n} such classes)"))
     val_where = f"the validation split of {dataset.path} ({len(samples['val']):,} images)" if "val" in samples else ""
+    read = {name: split for name, split in read.items() if name in samples}
     return Listing(samples, classes, str(dataset.path), val_where, Rows(read, dataset.image_column, dataset.path))
 
 

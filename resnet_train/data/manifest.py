@@ -50,14 +50,14 @@ def read_manifests(files: dict[str, str | None], columns: Columns, classes: Sequ
     paths: dict[str, Path] = {}
     if one_file:
         path = _manifest_path(files["train"], "train")
-        for row in _rows(path, columns, with_split=True):
+        for row in _rows(path, columns, listed_as=None):
             rows.setdefault(row.split, []).append(row)
         paths = {name: path for name in ("train", "val", "test")}
     else:
         for name in sorted(wanted):
             if files.get(name):
                 paths[name] = _manifest_path(files[name], name)
-                rows[name] = list(_rows(paths[name], columns, with_split=False))
+                rows[name] = list(_rows(paths[name], columns, listed_as=name))
     if "train" in rows and not rows["train"]:
         raise DataError(f"{paths['train']} lists no training images")
     names = [str(c) for c in classes] if classes is not None else sorted_labels({r.label for r in rows.get("train", [])})
@@ -88,8 +88,9 @@ def _manifest_path(value: str, split: str) -> Path:
     return path
 
 
-def _rows(path: Path, columns: Columns, with_split: bool) -> Iterator[_Row]:
-    """The manifest's rows with their paths resolved; a row that is incomplete is an error."""
+def _rows(path: Path, columns: Columns, listed_as: str | None) -> Iterator[_Row]:
+    """The manifest's rows with their paths resolved, of split `listed_as` (None: as its split column
+    says, train where empty); a row that is incomplete or of another split is an error."""
     for line, record in _records(path):
         where = f"{path}:{line}"
         for key, name in ((columns.path, "path_column"), (columns.label, "label_column")):
@@ -101,11 +102,14 @@ def _rows(path: Path, columns: Columns, with_split: bool) -> Iterator[_Row]:
             raise DataError(f"{where}: the {columns.path!r} column is empty")
         if not value[columns.label]:
             raise DataError(f"{where}: the {columns.label!r} column is empty ({value[columns.path]})")
-        split = "train"
-        if with_split and value[columns.split]:
+        split = listed_as or "train"
+        if value[columns.split]:
             split = SPLIT_NAMES.get(value[columns.split].lower())
             if split is None:
                 raise DataError(f"{where}: split {value[columns.split]!r} is not train, val (or validation) or test")
+            if listed_as and split != listed_as:  # (its other rows would train, or test, as dataset.<listed_as>'s)
+                raise DataError(f"{where}: a {split} row in the manifest given as dataset.{listed_as}; give one "
+                                f"manifest with a {columns.split} column alone (dataset.train=...), or one per split")
         image = _image_path(value[columns.path], path.parent)
         if "://" not in image and not os.path.isfile(image):
             raise DataError(f"{where}: {image} does not exist")

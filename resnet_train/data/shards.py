@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 import torch
+from PIL import Image
 
 from ..errors import DataError
 from ..files import atomic_write
@@ -299,15 +300,18 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         for round_ in range(1 << 62):
             order = mine if round_ == 0 else _rng(self.seed, self.epoch, slot, round_).sample(mine, len(mine))
             buffer: list[tuple[dict, str]] = []
+            read = 0
             for i in order:
                 url = self.shards.urls[i]
-                for sample in shard_samples(url):
+                for read, sample in enumerate(shard_samples(url), read + 1):
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append((sample, url))
                         continue
                     j = rng.randrange(self.shuffle_buffer)
                     yield buffer[j]
                     buffer[j] = (sample, url)
+            if not read:  # (their sizes said otherwise: reading them again would never end)
+                raise DataError(f"shards {', '.join(self.shards.urls[i] for i in mine)} hold no samples")
             rng.shuffle(buffer)
             yield from buffer
 
@@ -395,6 +399,28 @@ class ShardLoader:
 # --------------------------------------------------------------------------------------------
 
 
+PIL_FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "PPM": "ppm"}
+
+
+def _member(path: str) -> tuple[str, bytes]:
+    """A file as a shard member (extension key, bytes): its own bytes under its extension when that is
+    an image key readers look for, else under its format's usual one (.jfif -> jpg); a format without
+    one (.tga, .ico, ...) is converted to PNG (lossless), so every file of a folder trains from shards."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    try:
+        data = Path(path).read_bytes()
+        if suffix in IMAGE_KEYS:
+            return suffix, data
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format in PIL_FORMAT_KEYS:
+                return PIL_FORMAT_KEYS[im.format], data
+            png = io.BytesIO()
+            im.save(png, "PNG")
+            return "png", png.getvalue()
+    except OSError as e:
+        raise DataError(f"could not read image {path}: {e.strerror or e}") from None
+
+
 def write_dataset(splits: dict[str, Sequence[tuple[str, int]]], classes: Sequence[str], out: Path,
                   max_count: int = 1000, max_size: float = 1e9, seed: int = 0) -> dict[str, dict[str, int]]:
     """Write each split's (image file, class index) samples as shards in `out` (`write_shards`), then
@@ -440,12 +466,8 @@ def write_shards(samples: Sequence[tuple[str, int]], out: Path, split: str, max_
     try:
         for n, i in enumerate(order):
             path, label = samples[i]
-            suffix = Path(path).suffix.lower().lstrip(".")
-            try:
-                data = Path(path).read_bytes()
-            except OSError as e:
-                raise DataError(f"could not read image {path}: {e.strerror or e}") from None
-            writer.write({"__key__": f"{split}{n:08d}", suffix: data, "cls": str(label).encode()})
+            key, data = _member(path)
+            writer.write({"__key__": f"{split}{n:08d}", key: data, "cls": str(label).encode()})
             counting[writer.fname] = counting.get(writer.fname, 0) + 1
     except BaseException:  # the shard being written keeps no name of a shard unless it is full
         if writer.count < writer.maxcount and writer.size < writer.maxsize:
