@@ -300,4 +300,4 @@ def test_files_of_every_format_become_members_that_training_reads(tmp_path):
     assert _member(str(tmp_path / "c.png")) == ("png", (tmp_path / "c.png").read_bytes())
     key, data = _member(str(tmp_path / "b.tga"))
     assert key == "png" and key in IMAGE_KEYS
-    assert list(Image.open(io.BytesIO(data)).convert("RGB").getdata()) == list(image.getdata())
+    assert Image.open(io.BytesIO(data)).convert("RGB").tobytes() == image.tobytes()
