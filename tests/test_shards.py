@@ -301,3 +301,19 @@ def test_files_of_every_format_become_members_that_training_reads(tmp_path):
     key, data = _member(str(tmp_path / "b.tga"))
     assert key == "png" and key in IMAGE_KEYS
     assert Image.open(io.BytesIO(data)).convert("RGB").tobytes() == image.tobytes()
+
+
+def test_resnet_shards_writes_a_manifest_by_its_split_column(tmp_path):
+    """The seam the image folder uses, fed by a manifest: its split column decides the shards' splits
+    and its training labels the classes."""
+    runner = Runner(tmp_path / "work")
+    pets = write_image_folder(runner.cwd / "pets", {"train": 30, "test": 10}, num_classes=3, size=SIZE)
+    rows = [f"{p.relative_to(runner.cwd)},{p.parent.name},{split}" for split in ("train", "test")
+            for p in sorted((pets / split).rglob("*.*"))]
+    (runner.cwd / "all.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    result = runner("resnet-shards", "all.csv", "out", "--max-count", "20")
+    assert_ok(result)
+    assert json.loads((runner.cwd / "out" / "sizes.json").read_text()) == {
+        "train-000000.tar": 20, "train-000001.tar": 10, "test-000000.tar": 10}
+    assert (runner.cwd / "out" / "classes.txt").read_text().split() == ["airplane", "automobile", "bird"]
+    assert_one_error(runner("resnet-shards", "gone.csv", "out2"), "gone.csv", "no such manifest file")
