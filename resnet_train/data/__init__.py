@@ -42,6 +42,7 @@ from .sources import (
     decode_all,
     decode_resized,
     decoded_chunks,
+    splits_to_read,
     load_cifar,
     stratified_split,
 )
@@ -166,7 +167,7 @@ def build_data(dataset: DatasetSpec, batching: Batching, device: torch.device, s
         transform = BatchTransform(mean, std, batching.augment if train_mode else None,
                                    dataset.image_size if dataset.image_size != stored_size else None,
                                    batching.channels_last)
-        per_process = (batching.batch_size if train_mode else batching.eval_batch_size) // shard.world_size or 1
+        per_process = _per_process_batch(batching, shard, train_mode)
         weights = balanced_weights(split.labels) if train_mode and balanced else None
         if storage == "memory":
             return MemoryLoader(split.images.to(device), split.labels.to(device), per_process, transform, train_mode,
@@ -191,11 +192,7 @@ def _read_shards(dataset: DatasetSpec, batching: Batching, device: torch.device,
                         "give validation shards with dataset.val=... (dataset.val_size=0 validates on dataset.test)")
     if dataset.loader == "memory":
         raise DataError("dataset.loader=memory: shards are streamed (dataset.loader=stream or auto)")
-    classes = [str(c) for c in dataset.classes] if dataset.classes is not None else (
-        [str(i) for i in range(dataset.num_classes)] if dataset.num_classes else None)
-    if classes is None:
-        raise DataError("dataset=webdataset needs the class names, dataset.classes=[cat,dog,...], or for integer "
-                        "labels dataset.num_classes=N")
+    classes = _shard_classes(dataset)
     keys = (dataset.image_key,) if isinstance(dataset.image_key, str) else tuple(dataset.image_key)
     fmt = SampleFormat(keys, dataset.label_key, tuple(classes))
     splits = set(dataset.splits)
@@ -235,7 +232,7 @@ def _read_shards(dataset: DatasetSpec, batching: Batching, device: torch.device,
         if name not in shard_sets:
             return None
         transform = BatchTransform(mean, std, batching.augment if train_mode else None, None, batching.channels_last)
-        per_process = (batching.batch_size if train_mode else batching.eval_batch_size) // shard.world_size or 1
+        per_process = _per_process_batch(batching, shard, train_mode)
         return ShardLoader(shard_sets[name], fmt, dataset.image_size, dataset.exif_transpose, per_process, transform,
                            train_mode, device, batching.seed, batching.num_workers, shard, dataset.shuffle_buffer)
 
@@ -245,6 +242,21 @@ def _read_shards(dataset: DatasetSpec, batching: Batching, device: torch.device,
                   "the test shards (no dataset.val)" if test is not None else "none")
     return Data(make("train", True), val, test, classes, mean, std, dataset.image_size, dataset.image_size,
                 val_source, "stream")
+
+
+def _per_process_batch(batching: Batching, shard: Shard, train: bool) -> int:
+    """A process's part of the global (training or evaluation) batch."""
+    return (batching.batch_size if train else batching.eval_batch_size) // shard.world_size or 1
+
+
+def _shard_classes(dataset: DatasetSpec) -> list[str]:
+    """A shard run's class names: given, or for integer labels 0..num_classes-1 (shards are not read to find them)."""
+    if dataset.classes is not None:
+        return [str(c) for c in dataset.classes]
+    if not dataset.num_classes:
+        raise DataError("dataset=webdataset needs the class names, dataset.classes=[cat,dog,...], or for integer "
+                        "labels dataset.num_classes=N")
+    return [str(i) for i in range(dataset.num_classes)]
 
 
 def _normalization(dataset: DatasetSpec, stats: Callable[[], tuple[list, list]] | None,
@@ -265,12 +277,10 @@ def _normalization(dataset: DatasetSpec, stats: Callable[[], tuple[list, list]] 
 
 def class_names(dataset: DatasetSpec) -> list[str]:
     """An image source's class names, from its training split (nothing decoded)."""
+    if dataset.name == "webdataset":
+        return _shard_classes(dataset)
     if dataset.classes is not None:
         return [str(c) for c in dataset.classes]
-    if dataset.name == "webdataset":  # (shards: the classes are configured, not found)
-        if not dataset.num_classes:
-            raise DataError("dataset=webdataset needs dataset.classes=[...] or dataset.num_classes=N")
-        return [str(i) for i in range(dataset.num_classes)]
     return _list_images(replace(dataset, splits=("train",)), log=lambda line: None).classes
 
 
@@ -287,8 +297,7 @@ def _list_images(dataset: DatasetSpec, log) -> Listing:
 
 
 def _list_manifests(dataset: DatasetSpec, splits: set[str]) -> Listing:
-    if "val" in splits and not dataset.val:  # (validation held out of train, or the test split)
-        splits |= {"test"} if dataset.val_size == 0 else {"train"}
+    splits = splits_to_read(splits, bool(dataset.val), dataset.val_size)
     files = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
     found = read_manifests(files, Columns(dataset.path_column, dataset.label_column, dataset.split_column),
                            dataset.classes, splits)
@@ -342,10 +351,7 @@ def _list_image_folder(root: Path, dataset: DatasetSpec, splits: set[str], log) 
     if splits == {"test"} and not (root / "test").is_dir():  # (resnet-eval split=test: before anything is read)
         raise DataError(f"{root / 'test'} does not exist: there is no test split to evaluate "
                         "(split=val evaluates the validation images)")
-    if "val" in splits and dataset.val_size == 0 and not (root / "val").is_dir():
-        splits.add("test")
-    if "val" in splits and not (root / "val").is_dir() and dataset.val_size != 0:
-        splits.add("train")
+    splits = splits_to_read(splits, (root / "val").is_dir(), dataset.val_size)
     scans = {}
     if "train" in splits or known is None:
         index = None if known is None else {c: i for i, c in enumerate(known)}

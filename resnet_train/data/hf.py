@@ -15,7 +15,7 @@ from PIL import Image
 from ..errors import DataError, first_line
 from .folders import check_training_classes
 from .manifest import sorted_labels
-from .sources import Listing
+from .sources import Listing, splits_to_read
 
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
 
@@ -93,8 +93,7 @@ def _image_column(split: Any, column: str) -> Any:
 def list_hf_dataset(dataset: Any, needed: set[str], log) -> Listing:
     """The Listing of the splits a command needs (see data._list_images)."""
     splits = load_splits(dataset.path)
-    if "val" in needed and "val" not in splits:  # (held out of train, or the test split)
-        needed |= {"test"} if dataset.val_size == 0 else {"train"}
+    needed = splits_to_read(needed, "val" in splits, dataset.val_size)
     if dataset.classes is None:
         needed |= {"train"}
     if set(dataset.splits) == {"test"} and "test" not in splits:

@@ -51,6 +51,14 @@ class Listing:
     reader: Any = None  # opens a sample's image (None: files and URLs)
 
 
+def splits_to_read(splits: set[str], has_own_val: bool, val_size: int | float) -> set[str]:
+    """The splits a command reads: `splits`, and where validation comes from without a val split
+    of its own -- the test split (val_size=0) or the training split it is held out of."""
+    if "val" in splits and not has_own_val:
+        return splits | ({"test"} if val_size == 0 else {"train"})
+    return set(splits)
+
+
 CIFAR = {"cifar10": (datasets.CIFAR10, "CIFAR-10"), "cifar100": (datasets.CIFAR100, "CIFAR-100")}
 
 
